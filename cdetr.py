@@ -1,0 +1,700 @@
+"""Conditional DETR in one file: backbone, encoder, conditional decoder, matcher, losses.
+
+Read it next to the paper: Meng et al., "Conditional DETR for Fast Training Convergence",
+ICCV 2021, arXiv 2108.06152. Given the same weights it computes what the official code
+(github.com/Atten4Vis/ConditionalDETR, commit 8ea7c3f) computes, and the official checkpoints
+load through `convert_official_state_dict`.
+
+Two kinds of comment:
+    # [paper §3.3] ...   what the paper says the next lines do (paraphrased), by section
+    # [ours] ...         our own remark: an implementation detail, a quirk, a reason
+
+Shape legend
+    B   batch size                     H, W   padded image height, width
+    h, w  feature-map height, width    HW     h * w, the number of keys (feature cells)
+    Q   number of object queries        C      number of class logits (num_classes)
+    D   hidden_dim (model width)        nh     number of attention heads
+    hd  head width, D // nh             L      number of decoder layers
+Boxes are (cx, cy, w, h) normalized to [0, 1] by the unpadded image size, unless a
+docstring says "absolute (x0, y0, x1, y1)", which is pixels.
+
+Deliberate differences from the paper and the official code
+    1. Layout: tensors are batch-first (B, Q, D) and (B, HW, D); the official code is
+       sequence-first. Images and masks are passed as two tensors, not a NestedTensor.
+    2. Attention is written out by hand (`attention`); the encoder's q/k/v projections are
+       three Linear layers where the official code packs them in one `in_proj_weight`.
+       Outputs are equal to float rounding (tests/test_parity.py checks 1e-4).
+    3. The reference point's sine embedding uses hidden_dim // 2 features per coordinate;
+       the official code hard-wires 128, which is the same number when hidden_dim = 256.
+    4. `cardinality_error` (logging only) counts queries whose best class probability
+       exceeds 0.5; the official code counts argmax != last class, a leftover of DETR's softmax.
+    5. `decoder="detr"` is a DETR-style baseline built from the same parts (see `DecoderLayer`),
+       not the original DETR recipe: it keeps the focal loss, 300 queries and separate
+       content/position projections, so a comparison isolates the cross-attention.
+    6. The paper's alternative of learning the reference points as free parameters is not
+       implemented; like the official code, s is predicted from the object query.
+"""
+
+import math
+import re
+from dataclasses import dataclass, replace
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import torchvision
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, nn
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+# ----------------------------------------------------------------------------------------
+# Configuration. Defaults are the paper's Conditional DETR-R50 recipe, with the official
+# argument names.
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    # backbone
+    backbone: str = "resnet50"            # any torchvision ResNet: resnet18 ... resnet101
+    dilation: bool = False                # DC5: dilate the last stage instead of striding it
+    pretrained_backbone: bool = False     # ImageNet weights via torchvision (needs internet)
+    train_backbone: str = "layer2-4"      # "layer2-4" (official), "all" (from scratch), "none"
+    frozen_batchnorm: bool = True         # False: ordinary BatchNorm, for from-scratch training
+    backbone_stages: int = 4              # 4: C5 features (stride 32); 3: C4 (stride 16)
+    # transformer
+    hidden_dim: int = 256
+    nheads: int = 8
+    enc_layers: int = 6
+    dec_layers: int = 6
+    dim_feedforward: int = 2048
+    dropout: float = 0.1
+    num_queries: int = 300
+    num_classes: int = 91                 # max category id + 1 (COCO ids are used directly)
+    decoder: str = "conditional"          # "conditional" or "detr" (the baseline)
+    # matcher and losses
+    aux_loss: bool = True
+    set_cost_class: float = 2.0
+    set_cost_bbox: float = 5.0
+    set_cost_giou: float = 2.0
+    cls_loss_coef: float = 2.0
+    bbox_loss_coef: float = 5.0
+    giou_loss_coef: float = 2.0
+    focal_alpha: float = 0.25
+    # optimisation (used by train.py)
+    lr: float = 1e-4
+    lr_backbone: float = 1e-5
+    weight_decay: float = 1e-4
+    batch_size: int = 2                   # per process; the paper used 8 GPUs x 2
+    epochs: int = 50
+    lr_drop: int = 40                     # lr x 0.1 from this epoch on
+    clip_max_norm: float = 0.1
+
+    def __post_init__(self):
+        checks = [
+            (self.decoder in ("conditional", "detr"), f"decoder must be 'conditional' or 'detr', not {self.decoder!r}"),
+            (self.train_backbone in ("layer2-4", "all", "none"), f"train_backbone must be 'layer2-4', 'all' or 'none', not {self.train_backbone!r}"),
+            (self.hidden_dim % self.nheads == 0, f"hidden_dim {self.hidden_dim} is not divisible by nheads {self.nheads}"),
+            (self.hidden_dim % 4 == 0, f"hidden_dim {self.hidden_dim} must be a multiple of 4 (sin/cos pairs for x and y)"),
+            (self.backbone_stages in (3, 4), f"backbone_stages must be 3 or 4, not {self.backbone_stages}"),
+            (not (self.dilation and self.backbone_stages != 4), "dilation (DC5) needs backbone_stages=4"),
+            (not (self.dilation and self.backbone in ("resnet18", "resnet34")), f"{self.backbone} has basic blocks, which torchvision cannot dilate (DC5)"),
+            (min(self.enc_layers, self.num_queries, self.num_classes) >= 1 and self.dec_layers >= 1, "layers, queries and classes must be at least 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"Config: {message}")
+
+
+PRESETS = {
+    "r50": dict(),
+    "r50-dc5": dict(dilation=True, batch_size=1),   # official DC5 script: 1 image per GPU
+    "r101": dict(backbone="resnet101"),
+    "r101-dc5": dict(backbone="resnet101", dilation=True, batch_size=1),
+}
+
+
+def preset(name: str, **overrides) -> Config:
+    """The named recipe (a key of PRESETS) with `overrides` applied on top."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return replace(Config(**PRESETS[name]), **overrides)
+
+
+# ----------------------------------------------------------------------------------------
+# Backbone: a torchvision ResNet cut after its last used stage.
+# ----------------------------------------------------------------------------------------
+
+
+class Backbone(nn.Module):
+    """ResNet trunk. forward(images (B, 3, H, W), mask (B, H, W) True on padding)
+    -> features (B, num_channels, h, w), feature mask (B, h, w) True on padding."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        weights = None
+        if cfg.pretrained_backbone:
+            # [ours] IMAGENET1K_V1 are the weights torchvision's old `pretrained=True` gave,
+            # which is what the official code trained from.
+            weights = torchvision.models.get_model_weights(cfg.backbone).IMAGENET1K_V1
+        resnet = torchvision.models.get_model(
+            cfg.backbone, weights=weights,
+            norm_layer=FrozenBatchNorm2d if cfg.frozen_batchnorm else nn.BatchNorm2d,
+            replace_stride_with_dilation=[False, False, cfg.dilation])
+        last = f"layer{cfg.backbone_stages}"
+        for name, parameter in resnet.named_parameters():
+            trainable = {"all": True, "none": False,
+                         "layer2-4": any(s in name for s in ("layer2", "layer3", "layer4"))}
+            parameter.requires_grad_(trainable[cfg.train_backbone])
+        block = getattr(resnet, last)[-1]
+        self.num_channels = (block.conv3 if hasattr(block, "conv3") else block.conv2).out_channels
+        self.body = IntermediateLayerGetter(resnet, return_layers={last: "features"})
+
+    def forward(self, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        features = self.body(images)["features"]
+        # [ours] nearest-neighbour resize of the padding mask, as the official code does
+        mask = F.interpolate(mask[None].float(), size=features.shape[-2:])[0].bool()
+        return features, mask
+
+
+# ----------------------------------------------------------------------------------------
+# Sine position embeddings: one function serves the keys and the reference point.
+# ----------------------------------------------------------------------------------------
+
+
+def sine_embedding(coord: Tensor, num_feats: int, temperature: float = 10000.0) -> Tensor:
+    """coord (...) in radians -> (..., num_feats), interleaved as
+    [sin(c / t_0), cos(c / t_0), sin(c / t_1), cos(c / t_1), ...] with t_i = T^(2i / num_feats)."""
+    i = torch.arange(num_feats, dtype=torch.float32, device=coord.device)
+    dim_t = temperature ** (2 * (i // 2) / num_feats)
+    angles = coord[..., None] / dim_t                                        # (..., num_feats)
+    return torch.stack((angles[..., 0::2].sin(), angles[..., 1::2].cos()), dim=-1).flatten(-2)
+
+
+def key_position_encoding(mask: Tensor, dim: int) -> Tensor:
+    """The keys' spatial embedding p_k. mask (B, h, w) True on padding -> (B, dim, h, w),
+    y features first. Positions count valid cells and are normalized to (0, 2π]."""
+    not_mask = ~mask
+    y = not_mask.cumsum(1, dtype=torch.float32)                              # (B, h, w)
+    x = not_mask.cumsum(2, dtype=torch.float32)
+    # [ours] the official code normalizes by the last row/column; cell j gets (j+1)/w,
+    # its right edge, not its centre. We keep that: the checkpoints were trained with it.
+    y = y / (y[:, -1:, :] + 1e-6) * 2 * math.pi
+    x = x / (x[:, :, -1:] + 1e-6) * 2 * math.pi
+    pos = torch.cat((sine_embedding(y, dim // 2), sine_embedding(x, dim // 2)), dim=-1)
+    return pos.permute(0, 3, 1, 2)                                           # (B, dim, h, w)
+
+
+def reference_point_embedding(points: Tensor, dim: int) -> Tensor:
+    """p_s = sinusoidal(s). points (..., 2) normalized (x, y) -> (..., dim), y features first,
+    the same embedding as the keys so that p_q · p_k compares positions."""
+    x, y = points[..., 0] * 2 * math.pi, points[..., 1] * 2 * math.pi
+    return torch.cat((sine_embedding(y, dim // 2), sine_embedding(x, dim // 2)), dim=-1)
+
+
+# ----------------------------------------------------------------------------------------
+# Attention, written out by hand so there is nothing hidden.
+# ----------------------------------------------------------------------------------------
+
+
+def split_heads(x: Tensor, nheads: int) -> Tensor:
+    B, N, D = x.shape
+    return x.view(B, N, nheads, D // nheads).transpose(1, 2)                 # (B, nh, N, D/nh)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    B, nh, N, d = x.shape
+    return x.transpose(1, 2).reshape(B, N, nh * d)                           # (B, N, nh*d)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None,
+              dropout: float = 0.0) -> Tensor:
+    """Scaled dot-product attention. q (B, nh, Nq, dk), k (B, nh, Nk, dk), v (B, nh, Nk, dv),
+    key_padding_mask (B, Nk) True where a key must be ignored -> (B, nh, Nq, dv).
+    dv may differ from dk: the conditional cross-attention has dk = 2 * hd, dv = hd."""
+    logits = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])             # (B, nh, Nq, Nk)
+    if key_padding_mask is not None:
+        logits = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+    weights = F.dropout(logits.softmax(dim=-1), dropout, training=dropout > 0)
+    return weights @ v                                                       # (B, nh, Nq, dv)
+
+
+class MLP(nn.Module):
+    """num_layers Linear layers with ReLU between them (the paper's "FFN")."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int):
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+        return x
+
+
+class FeedForward(nn.Module):
+    """The transformer's position-wise FFN: Linear, ReLU, dropout, Linear."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float):
+        super().__init__()
+        self.linear1, self.linear2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear2(self.drop(F.relu(self.linear1(x))))
+
+
+# ----------------------------------------------------------------------------------------
+# Encoder: unchanged from DETR (post-norm self-attention over the feature cells).
+# ----------------------------------------------------------------------------------------
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        D = cfg.hidden_dim
+        self.nheads = cfg.nheads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(D, D) for _ in range(4))
+        self.ffn = FeedForward(D, cfg.dim_feedforward, cfg.dropout)
+        self.norm1, self.norm2 = nn.LayerNorm(D), nn.LayerNorm(D)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.attn_dropout = cfg.dropout
+
+    def forward(self, src: Tensor, pos: Tensor, key_padding_mask: Tensor) -> Tensor:
+        """src, pos (B, HW, D); key_padding_mask (B, HW) -> (B, HW, D)."""
+        # [paper §3.1] as in DETR, positions are added to queries and keys, not to values
+        q = split_heads(self.q_proj(src + pos), self.nheads)                 # (B, nh, HW, hd)
+        k = split_heads(self.k_proj(src + pos), self.nheads)
+        v = split_heads(self.v_proj(src), self.nheads)
+        out = attention(q, k, v, key_padding_mask, self.attn_dropout if self.training else 0.0)
+        src = self.norm1(src + self.drop(self.out_proj(merge_heads(out))))
+        return self.norm2(src + self.drop(self.ffn(src)))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
+
+    def forward(self, src: Tensor, pos: Tensor, key_padding_mask: Tensor) -> Tensor:
+        """src, pos (B, HW, D); key_padding_mask (B, HW) -> memory (B, HW, D)."""
+        for layer in self.layers:
+            src = layer(src, pos, key_padding_mask)
+        return src
+
+
+# ----------------------------------------------------------------------------------------
+# Decoder: the paper's contribution.
+# ----------------------------------------------------------------------------------------
+
+
+class DecoderLayer(nn.Module):
+    """Self-attention among the queries, cross-attention to the image, FFN; post-norm.
+
+    decoder="conditional" (paper §3.3): the cross-attention query of each head is the
+    concatenation [c_q ; p_q] of the content query and the conditional spatial query, and the
+    key is [c_k ; p_k], so per head q·k = c_q·c_k + p_q·p_k (Eq. (4)): content and position are
+    matched separately instead of being mixed. In the first layer only, the object query's
+    projection is also added to the content query and p_k to the content key (official code).
+
+    decoder="detr": DETR's cross-attention, q = c_q + W o (the object query o, in every
+    layer) and k = c_k + p_k; no reference point, no concatenation. Unlike the original DETR,
+    content and position have separate projections (W_c c + W_p p rather than W (c + p)),
+    which can only represent more, and the model keeps the focal loss and 300 queries.
+    Parameter names follow the official code so that checkpoints map one to one.
+    """
+
+    def __init__(self, cfg: Config, is_first: bool):
+        super().__init__()
+        D = cfg.hidden_dim
+        self.nheads, self.is_first = cfg.nheads, is_first
+        self.conditional = cfg.decoder == "conditional"
+        linear = lambda: nn.Linear(D, D)  # noqa: E731
+        self.sa_qcontent_proj, self.sa_qpos_proj, self.sa_kcontent_proj = linear(), linear(), linear()
+        self.sa_kpos_proj, self.sa_v_proj, self.sa_out_proj = linear(), linear(), linear()
+        self.ca_qcontent_proj, self.ca_kcontent_proj, self.ca_kpos_proj = linear(), linear(), linear()
+        self.ca_v_proj, self.ca_out_proj = linear(), linear()
+        if is_first or not self.conditional:
+            self.ca_qpos_proj = linear()          # object query -> query position
+        if self.conditional:
+            self.ca_qpos_sine_proj = linear()     # λ_q ⊙ p_s -> per-head spatial query
+        self.ffn = FeedForward(D, cfg.dim_feedforward, cfg.dropout)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(D), nn.LayerNorm(D), nn.LayerNorm(D)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.attn_dropout = cfg.dropout
+
+    def forward(self, tgt: Tensor, memory: Tensor, key_pos: Tensor, key_padding_mask: Tensor,
+                query_pos: Tensor, query_sine_embed: Tensor | None,
+                return_attention: bool = False) -> tuple[Tensor, dict[str, Tensor] | None]:
+        """tgt (B, Q, D) decoder embeddings f; memory, key_pos (B, HW, D); key_padding_mask
+        (B, HW); query_pos (B, Q, D) object queries o; query_sine_embed (B, Q, D) λ_q ⊙ p_s
+        (None for decoder="detr"). Returns the new tgt (B, Q, D) and, if return_attention,
+        the cross-attention logits {"content", "spatial", "combined"}, each (B, nh, Q, HW)."""
+        nh, p = self.nheads, self.attn_dropout if self.training else 0.0
+
+        # --- self-attention: every query looks at the others, de-duplicating detections
+        q = self.sa_qcontent_proj(tgt) + self.sa_qpos_proj(query_pos)
+        k = self.sa_kcontent_proj(tgt) + self.sa_kpos_proj(query_pos)
+        v = self.sa_v_proj(tgt)
+        out = attention(split_heads(q, nh), split_heads(k, nh), split_heads(v, nh), None, p)
+        tgt = self.norm1(tgt + self.drop(self.sa_out_proj(merge_heads(out))))
+
+        # --- cross-attention: every query looks at the image
+        q_content = split_heads(self.ca_qcontent_proj(tgt), nh)              # (B, nh, Q, hd)
+        k_content = split_heads(self.ca_kcontent_proj(memory), nh)           # (B, nh, HW, hd)
+        k_pos = split_heads(self.ca_kpos_proj(key_pos), nh)                  # (B, nh, HW, hd)
+        v = split_heads(self.ca_v_proj(memory), nh)                          # (B, nh, HW, hd)
+        if self.conditional:
+            if self.is_first:
+                # [ours] official code: layer 0 also mixes o and p_k into the content parts
+                q_content = q_content + split_heads(self.ca_qpos_proj(query_pos), nh)
+                k_content = k_content + k_pos
+            q_spatial = split_heads(self.ca_qpos_sine_proj(query_sine_embed), nh)  # (B, nh, Q, hd)
+            # [paper §3.3] query = [c_q ; p_q], key = [c_k ; p_k], concatenated per head
+            q = torch.cat([q_content, q_spatial], dim=-1)                    # (B, nh, Q, 2hd)
+            k = torch.cat([k_content, k_pos], dim=-1)                        # (B, nh, HW, 2hd)
+        else:
+            # [paper §3.2] DETR: query = c_q + p_q, key = c_k + p_k
+            q_spatial = split_heads(self.ca_qpos_proj(query_pos), nh)        # (B, nh, Q, hd)
+            q, k = q_content + q_spatial, k_content + k_pos                  # (B, nh, *, hd)
+        out = attention(q, k, v, key_padding_mask, p)                        # (B, nh, Q, hd)
+        tgt = self.norm2(tgt + self.drop(self.ca_out_proj(merge_heads(out))))
+        tgt = self.norm3(tgt + self.drop(self.ffn(tgt)))
+
+        maps = None
+        if return_attention:
+            # [ours] logits on the scale the layer used; for the conditional decoder
+            # content + spatial == combined exactly (Eq. (4)).
+            scale = q.shape[-1] ** -0.5
+            maps = {"content": q_content @ k_content.transpose(-2, -1) * scale,
+                    "spatial": q_spatial @ k_pos.transpose(-2, -1) * scale,
+                    "combined": q @ k.transpose(-2, -1) * scale}             # (B, nh, Q, HW)
+        return tgt, maps
+
+
+class Decoder(nn.Module):
+    """The L decoder layers, the reference point head and the λ_q head (paper §3.3)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        D = cfg.hidden_dim
+        self.conditional = cfg.decoder == "conditional"
+        self.layers = nn.ModuleList(DecoderLayer(cfg, is_first=i == 0) for i in range(cfg.dec_layers))
+        self.norm = nn.LayerNorm(D)
+        if self.conditional:
+            self.ref_point_head = MLP(D, D, 2, 2)   # o -> s (before the sigmoid)
+            self.query_scale = MLP(D, D, D, 2)      # f -> λ_q
+
+    def forward(self, memory: Tensor, key_pos: Tensor, key_padding_mask: Tensor,
+                query_pos: Tensor, return_attention: bool = False):
+        """memory, key_pos (B, HW, D); key_padding_mask (B, HW); query_pos (B, Q, D).
+        Returns hs (L, B, Q, D), every layer's output after the final LayerNorm; reference
+        points (B, Q, 2) normalized (x, y), or None for decoder="detr"; and a list with
+        each layer's attention logits (empty unless return_attention)."""
+        D = query_pos.shape[-1]
+        tgt = torch.zeros_like(query_pos)          # f: the decoder embedding starts at zero
+        reference = p_s = None
+        if self.conditional:
+            # [paper §3.3] the reference point s is predicted from the object query o,
+            # normalized by a sigmoid, and embedded like the keys: p_s = sinusoidal(s).
+            # [ours] s is the same in every layer; the decoder does not refine it.
+            reference = self.ref_point_head(query_pos).sigmoid()             # (B, Q, 2)
+            p_s = reference_point_embedding(reference, D)                    # (B, Q, D)
+        hs, maps = [], []
+        for i, layer in enumerate(self.layers):
+            query_sine_embed = None
+            if self.conditional:
+                # [paper §3.3] p_q = λ_q ⊙ p_s with λ_q = FFN(f): the decoder embedding
+                # decides which displacement from s each head should look at.
+                # [ours] official code: λ_q = 1 in the first layer, where f is still empty.
+                lam = 1.0 if i == 0 else self.query_scale(tgt)               # (B, Q, D)
+                query_sine_embed = lam * p_s
+            tgt, layer_maps = layer(tgt, memory, key_pos, key_padding_mask, query_pos,
+                                    query_sine_embed, return_attention)
+            hs.append(self.norm(tgt))
+            if return_attention:
+                maps.append(layer_maps)
+        return torch.stack(hs), reference, maps
+
+
+# ----------------------------------------------------------------------------------------
+# The detector.
+# ----------------------------------------------------------------------------------------
+
+
+def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
+    x = x.clamp(0, 1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+class ConditionalDETR(nn.Module):
+    """forward(images (B, 3, H, W) float, mask (B, H, W) bool True on padding) -> dict:
+        pred_logits (B, Q, C) class logits (sigmoid, no "no object" class),
+        pred_boxes (B, Q, 4) normalized (cx, cy, w, h),
+        aux_outputs: list of L-1 dicts with those two keys, one per earlier decoder layer,
+        reference_points (B, Q, 2) normalized (x, y) [decoder="conditional" only],
+        attention: list of L dicts of logits (B, nh, Q, HW) [return_attention=True only]."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.hidden_dim
+        self.backbone = Backbone(cfg)
+        self.input_proj = nn.Conv2d(self.backbone.num_channels, D, kernel_size=1)
+        self.query_embed = nn.Embedding(cfg.num_queries, D)                 # object queries o
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.class_embed = nn.Linear(D, cfg.num_classes)
+        self.bbox_embed = MLP(D, D, 4, 3)
+        self._reset_parameters()
+
+    def _reset_parameters(self):
+        # [ours] the official initialisation: xavier for the transformer's matrices, zero
+        # biases where it used nn.MultiheadAttention, focal-loss prior 0.01 on the class
+        # bias (so early training is not swamped by negatives), and a zero last box layer
+        # (so the first boxes sit on the reference points).
+        for module in (self.encoder, self.decoder):
+            for p in module.parameters():
+                if p.dim() > 1:
+                    nn.init.xavier_uniform_(p)
+        for layer in self.encoder.layers:
+            for proj in (layer.q_proj, layer.k_proj, layer.v_proj, layer.out_proj):
+                nn.init.zeros_(proj.bias)
+        for layer in self.decoder.layers:
+            nn.init.zeros_(layer.sa_out_proj.bias)
+            nn.init.zeros_(layer.ca_out_proj.bias)
+        prior = 0.01
+        nn.init.constant_(self.class_embed.bias, -math.log((1 - prior) / prior))
+        nn.init.zeros_(self.bbox_embed.layers[-1].weight)
+        nn.init.zeros_(self.bbox_embed.layers[-1].bias)
+
+    def forward(self, images: Tensor, mask: Tensor, return_attention: bool = False) -> dict:
+        if images.dim() != 4 or mask.shape != (images.shape[0], *images.shape[2:]):
+            raise ValueError(f"expected images (B, 3, H, W) and mask (B, H, W), got "
+                             f"{tuple(images.shape)} and {tuple(mask.shape)}")
+        features, feature_mask = self.backbone(images, mask.bool())
+        return self.forward_features(features, feature_mask, return_attention)
+
+    def forward_features(self, features: Tensor, mask: Tensor, return_attention: bool = False) -> dict:
+        """Everything after the CNN. features (B, num_channels, h, w), mask (B, h, w)."""
+        B = features.shape[0]
+        key_pos = key_position_encoding(mask, self.cfg.hidden_dim).flatten(2).transpose(1, 2)  # (B, HW, D)
+        memory = self.input_proj(features).flatten(2).transpose(1, 2)       # (B, HW, D)
+        key_padding_mask = mask.flatten(1)                                   # (B, HW)
+        memory = self.encoder(memory, key_pos, key_padding_mask)
+        query_pos = self.query_embed.weight.unsqueeze(0).expand(B, -1, -1)  # (B, Q, D)
+        hs, reference, maps = self.decoder(memory, key_pos, key_padding_mask, query_pos, return_attention)
+
+        logits = self.class_embed(hs)                                        # (L, B, Q, C)
+        box = self.bbox_embed(hs)                                            # (L, B, Q, 4)
+        if reference is not None:
+            # [paper §3.1, Eq. (1)] b = sigmoid(FFN(f) + [s ; 0 ; 0]) with s unnormalized:
+            # the head predicts the box centre as an offset from the reference point.
+            box = torch.cat([box[..., :2] + inverse_sigmoid(reference), box[..., 2:]], dim=-1)
+        boxes = box.sigmoid()
+        out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1],
+               "aux_outputs": [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]}
+        if reference is not None:
+            out["reference_points"] = reference
+        if return_attention:
+            out["attention"] = maps
+        return out
+
+
+@torch.no_grad()
+def cross_attention_maps(model: ConditionalDETR, images: Tensor, mask: Tensor, layer: int = -1) -> dict:
+    """For paper Figures 1 and 4: one decoder layer's cross-attention weights, softmaxed over
+    the image. Returns {"content", "spatial", "combined"}: each (B, nh, Q, h, w), with
+    "spatial" = softmax(p_q · p_k), "content" = softmax(c_q · c_k) and "combined" the weights
+    the layer really used; plus "outputs", the model's output dict."""
+    out = model(images, mask, return_attention=True)
+    features, feature_mask = model.backbone(images, mask.bool())
+    h, w = feature_mask.shape[-2:]
+    padding = feature_mask.flatten(1)[:, None, None, :]                      # (B, 1, 1, HW)
+    maps = {}
+    for name, logits in out.pop("attention")[layer].items():
+        weights = logits.masked_fill(padding, float("-inf")).softmax(-1)    # (B, nh, Q, HW)
+        maps[name] = weights.unflatten(-1, (h, w))                           # (B, nh, Q, h, w)
+    maps["outputs"] = out
+    return maps
+
+
+# ----------------------------------------------------------------------------------------
+# Training: Hungarian matching and the set loss.
+# ----------------------------------------------------------------------------------------
+
+
+def focal_class_cost(logits: Tensor, labels: Tensor, alpha: float, gamma: float = 2.0) -> Tensor:
+    """Cost of calling each prediction each target's class. logits (N, C), labels (M,)
+    -> (N, M): focal loss of a positive minus focal loss of a negative, as in the official
+    matcher (with its 1e-8 inside the logs, which keeps matching identical)."""
+    prob = logits.sigmoid()[:, labels]                                       # (N, M)
+    pos = alpha * (1 - prob) ** gamma * -(prob + 1e-8).log()
+    neg = (1 - alpha) * prob ** gamma * -(1 - prob + 1e-8).log()
+    return pos - neg
+
+
+class HungarianMatcher(nn.Module):
+    """One-to-one assignment of predictions to targets minimizing
+    cost_class * focal class cost + cost_bbox * L1 + cost_giou * (-GIoU)."""
+
+    def __init__(self, cost_class: float = 2.0, cost_bbox: float = 5.0, cost_giou: float = 2.0,
+                 focal_alpha: float = 0.25):
+        super().__init__()
+        self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
+        self.focal_alpha = focal_alpha
+
+    @torch.no_grad()
+    def forward(self, outputs: dict, targets: list[dict]) -> list[tuple[Tensor, Tensor]]:
+        """outputs: "pred_logits" (B, Q, C), "pred_boxes" (B, Q, 4) normalized (cx, cy, w, h).
+        targets: B dicts with "labels" (M_i,) int64 and "boxes" (M_i, 4) normalized (cx, cy, w, h).
+        Returns B pairs (query indices, target indices), int64 tensors of length
+        min(Q, M_i); the query indices are sorted."""
+        B, Q = outputs["pred_logits"].shape[:2]
+        logits = outputs["pred_logits"].flatten(0, 1)                        # (B*Q, C)
+        boxes = outputs["pred_boxes"].flatten(0, 1)                          # (B*Q, 4)
+        labels = torch.cat([t["labels"] for t in targets])                   # (M,)
+        target_boxes = torch.cat([t["boxes"] for t in targets]).to(boxes)    # (M, 4)
+        # [ours] one cost matrix for the whole batch, cut per image below: cheaper than B
+        # small ones and gives the same assignment.
+        cost = (self.cost_class * focal_class_cost(logits, labels, self.focal_alpha)
+                + self.cost_bbox * torch.cdist(boxes, target_boxes, p=1)
+                - self.cost_giou * generalized_box_iou(box_convert(boxes, "cxcywh", "xyxy"),
+                                                       box_convert(target_boxes, "cxcywh", "xyxy")))
+        cost = cost.view(B, Q, len(labels)).cpu()                            # (B, Q, M)
+        sizes = [len(t["boxes"]) for t in targets]
+        indices = [linear_sum_assignment(c[i]) for i, c in enumerate(cost.split(sizes, dim=-1))]
+        return [(torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64))
+                for i, j in indices]
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class SetCriterion(nn.Module):
+    """The set loss (paper §3.1, from DETR): match, then a sigmoid focal loss on the classes
+    of all queries (matched ones aim at their target's class, the others at nothing) and
+    L1 + GIoU on the matched boxes. With cfg.aux_loss every decoder layer is matched and
+    supervised on its own. All terms are divided by the number of target boxes in the batch
+    (averaged over processes when training distributed), at least 1."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.num_classes, self.focal_alpha, self.aux_loss = cfg.num_classes, cfg.focal_alpha, cfg.aux_loss
+        self.matcher = HungarianMatcher(cfg.set_cost_class, cfg.set_cost_bbox, cfg.set_cost_giou, cfg.focal_alpha)
+        self.weight_dict = {"loss_ce": cfg.cls_loss_coef, "loss_bbox": cfg.bbox_loss_coef,
+                            "loss_giou": cfg.giou_loss_coef}
+
+    def layer_losses(self, outputs: dict, targets: list[dict], indices, num_boxes: float) -> dict:
+        """Unweighted loss_ce, loss_bbox, loss_giou of one layer for a given matching."""
+        logits = outputs["pred_logits"]                                      # (B, Q, C)
+        batch_idx = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(indices)])
+        query_idx = torch.cat([q for q, _ in indices])
+        matched_labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
+        onehot = torch.zeros_like(logits)
+        onehot[batch_idx, query_idx, matched_labels] = 1
+        loss_ce = sigmoid_focal_loss(logits, onehot, alpha=self.focal_alpha, gamma=2, reduction="sum") / num_boxes
+
+        src = outputs["pred_boxes"][batch_idx, query_idx]                    # (N, 4)
+        tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(src)  # (N, 4)
+        loss_bbox = F.l1_loss(src, tgt, reduction="sum") / num_boxes
+        giou = generalized_box_iou(box_convert(src, "cxcywh", "xyxy"), box_convert(tgt, "cxcywh", "xyxy"))
+        loss_giou = (1 - torch.diag(giou)).sum() / num_boxes
+        return {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
+
+    def forward(self, outputs: dict, targets: list[dict]) -> dict:
+        """outputs: the model's dict; targets: B dicts with "labels" (M_i,) int64 in
+        [0, num_classes) and "boxes" (M_i, 4) normalized (cx, cy, w, h). Returns the
+        unweighted losses of the last layer (loss_ce, loss_bbox, loss_giou), of earlier
+        layers with suffix _0, _1, ..., the logging-only class_error (%, last layer) and
+        cardinality_error, and "loss", the weighted sum used for training."""
+        for i, t in enumerate(targets):
+            if len(t["labels"]) and not 0 <= int(t["labels"].min()) <= int(t["labels"].max()) < self.num_classes:
+                raise ValueError(f"target {i} has labels {t['labels'].tolist()} outside [0, {self.num_classes}); "
+                                 f"num_classes must be the largest category id + 1")
+        device = outputs["pred_logits"].device
+        num_boxes = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+        if _world_size() > 1:
+            dist.all_reduce(num_boxes)
+        num_boxes = max(num_boxes.item() / _world_size(), 1.0)
+
+        indices = self.matcher(outputs, targets)
+        losses = self.layer_losses(outputs, targets, indices, num_boxes)
+        losses.update(self.logging_metrics(outputs, targets, indices))
+        if self.aux_loss:
+            for i, aux in enumerate(outputs["aux_outputs"]):
+                aux_losses = self.layer_losses(aux, targets, self.matcher(aux, targets), num_boxes)
+                losses.update({f"{k}_{i}": v for k, v in aux_losses.items()})
+        losses["loss"] = sum(self.weight_dict[re.sub(r"_\d+$", "", k)] * v
+                             for k, v in losses.items() if re.sub(r"_\d+$", "", k) in self.weight_dict)
+        return losses
+
+    @torch.no_grad()
+    def logging_metrics(self, outputs: dict, targets: list[dict], indices) -> dict:
+        logits = outputs["pred_logits"]
+        matched = torch.cat([logits[i, q] for i, (q, _) in enumerate(indices)])       # (N, C)
+        labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device)
+        accuracy = (matched.argmax(-1) == labels).float().mean() * 100 if len(labels) else logits.new_zeros(())
+        predicted = (logits.sigmoid().amax(-1) > 0.5).sum(1).float()                  # (B,)
+        expected = torch.tensor([float(len(t["labels"])) for t in targets], device=logits.device)
+        return {"class_error": 100 - accuracy, "cardinality_error": F.l1_loss(predicted, expected)}
+
+
+# ----------------------------------------------------------------------------------------
+# Inference: from logits and boxes to a ranked list of detections.
+# ----------------------------------------------------------------------------------------
+
+
+class PostProcess(nn.Module):
+    """Keep the top k = min(num_select, Q * C) (query, class) pairs by sigmoid score: a query
+    may report several classes, as in the official code."""
+
+    def __init__(self, num_select: int = 100):
+        super().__init__()
+        self.num_select = num_select
+
+    @torch.no_grad()
+    def forward(self, outputs: dict, target_sizes: Tensor) -> list[dict]:
+        """outputs: "pred_logits" (B, Q, C), "pred_boxes" (B, Q, 4) normalized (cx, cy, w, h);
+        target_sizes (B, 2) as (height, width) in pixels. Returns B dicts: "scores" (k,),
+        "labels" (k,) int64, "boxes" (k, 4) absolute (x0, y0, x1, y1), best first."""
+        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        B, Q, C = logits.shape
+        scores, flat_idx = logits.sigmoid().view(B, -1).topk(min(self.num_select, Q * C), dim=1)  # (B, k)
+        query_idx, labels = flat_idx // C, flat_idx % C
+        boxes = box_convert(boxes, "cxcywh", "xyxy").gather(1, query_idx.unsqueeze(-1).expand(-1, -1, 4))  # (B, k, 4)
+        height, width = target_sizes.unbind(1)
+        boxes = boxes * torch.stack([width, height, width, height], dim=1)[:, None, :].to(boxes)
+        return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes)]
+
+
+# ----------------------------------------------------------------------------------------
+# Loading the official checkpoints.
+# ----------------------------------------------------------------------------------------
+
+
+def convert_official_state_dict(official: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Official parameter names -> ours, e.g. for the released COCO checkpoints
+    (pass checkpoint["model"]). backbone.0.body.* -> backbone.body.*, transformer.* -> *,
+    the encoder's packed self_attn.in_proj_* -> q_proj/k_proj/v_proj, the attention output
+    projections and FFN linears to their module names here."""
+    ours = {}
+    for name, value in official.items():
+        name = name.replace("backbone.0.body.", "backbone.body.", 1)
+        name = name.removeprefix("transformer.")
+        name = re.sub(r"\.linear([12])\.", r".ffn.linear\1.", name)
+        name = name.replace(".cross_attn.out_proj.", ".ca_out_proj.")
+        if name.startswith("decoder."):
+            name = name.replace(".self_attn.out_proj.", ".sa_out_proj.")
+        name = name.replace(".self_attn.out_proj.", ".out_proj.")
+        packed = re.fullmatch(r"(.*)\.self_attn\.in_proj_(weight|bias)", name)
+        if packed:
+            for part, chunk in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3)):
+                ours[f"{packed[1]}.{part}.{packed[2]}"] = chunk
+        else:
+            ours[name] = value
+    return ours

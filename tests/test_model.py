@@ -1,0 +1,144 @@
+"""The model's structure: parameter counts, official checkpoint loading, attention maps,
+the DETR baseline, and clear errors on bad input."""
+
+import pytest
+import torch
+import torchvision
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+import cdetr
+from test_parity import FIXTURE
+
+
+def count(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name, expected", [("r50", 43_418_401), ("r101", 62_358_305)])
+def test_parameter_count_equals_official(name, expected):
+    assert count(cdetr.ConditionalDETR(cdetr.preset(name))) == expected
+
+
+def official_state_dict(backbone: str, fixture_weights: dict) -> dict:
+    """What an official checkpoint's "model" holds, for the fixture's transformer and a
+    torchvision ResNet under the official names backbone.0.body.*."""
+    resnet = torchvision.models.get_model(backbone, weights=None, norm_layer=FrozenBatchNorm2d)
+    official = {f"backbone.0.body.{k}": v for k, v in resnet.state_dict().items() if not k.startswith("fc.")}
+    official.update({k: v.float() for k, v in fixture_weights.items()})
+    official["input_proj.weight"] = torch.randn(256, 2048, 1, 1)
+    return official
+
+
+@pytest.mark.parametrize("dilation", [False, True], ids=["r50", "r50-dc5"])
+def test_official_checkpoint_loads_strictly(dilation):
+    fixture = torch.load(FIXTURE)
+    c = fixture["config"]
+    cfg = cdetr.Config(dilation=dilation, enc_layers=c["enc_layers"], dec_layers=c["dec_layers"],
+                       dim_feedforward=c["dim_feedforward"], num_queries=c["num_queries"],
+                       num_classes=c["num_classes"])
+    official = official_state_dict("resnet50", fixture["state_dict"])
+    model = cdetr.ConditionalDETR(cfg)
+    model.load_state_dict(cdetr.convert_official_state_dict(official), strict=True)
+    # values land where they belong, not merely under matching names
+    assert torch.equal(model.backbone.body.layer3[2].conv2.weight, official["backbone.0.body.layer3.2.conv2.weight"])
+    q, k, v = official["transformer.encoder.layers.0.self_attn.in_proj_weight"].chunk(3)
+    assert torch.equal(model.encoder.layers[0].k_proj.weight, k)
+    assert torch.equal(model.decoder.layers[1].ca_out_proj.bias,
+                       official["transformer.decoder.layers.1.cross_attn.out_proj.bias"])
+    assert torch.equal(model.decoder.layers[0].ffn.linear2.weight,
+                       official["transformer.decoder.layers.0.linear2.weight"])
+
+
+def tiny_config(**overrides):
+    defaults = dict(backbone="resnet18", backbone_stages=3, train_backbone="all", frozen_batchnorm=False,
+                    hidden_dim=32, nheads=4, enc_layers=1, dec_layers=2, dim_feedforward=64,
+                    num_queries=6, num_classes=4, dropout=0.0)
+    return cdetr.Config(**(defaults | overrides))
+
+
+def padded_batch():
+    images = torch.randn(2, 3, 64, 96)
+    mask = torch.zeros(2, 64, 96, dtype=torch.bool)
+    mask[1, 48:, :] = True
+    mask[1, :, 64:] = True
+    return images, mask
+
+
+@pytest.mark.parametrize("decoder", ["conditional", "detr"])
+def test_output_contract(decoder):
+    cfg = tiny_config(decoder=decoder)
+    images, mask = padded_batch()
+    out = cdetr.ConditionalDETR(cfg)(images, mask)
+    assert out["pred_logits"].shape == (2, cfg.num_queries, cfg.num_classes)
+    assert out["pred_boxes"].shape == (2, cfg.num_queries, 4)
+    assert ((out["pred_boxes"] > 0) & (out["pred_boxes"] < 1)).all()
+    assert len(out["aux_outputs"]) == cfg.dec_layers - 1
+    assert ("reference_points" in out) == (decoder == "conditional")
+
+
+def test_only_the_first_conditional_layer_has_ca_qpos_proj():
+    layers = cdetr.ConditionalDETR(tiny_config(dec_layers=3)).decoder.layers
+    assert [hasattr(layer, "ca_qpos_proj") for layer in layers] == [True, False, False]
+    layers = cdetr.ConditionalDETR(tiny_config(dec_layers=3, decoder="detr")).decoder.layers
+    assert [hasattr(layer, "ca_qpos_proj") for layer in layers] == [True, True, True]
+    assert not any(hasattr(layer, "ca_qpos_sine_proj") for layer in layers)
+
+
+def test_attention_maps_decompose_and_normalize():
+    torch.manual_seed(0)
+    model = cdetr.ConditionalDETR(tiny_config()).eval()
+    images, mask = padded_batch()
+    with torch.no_grad():
+        logits = model(images, mask, return_attention=True)["attention"]
+    for layer in logits:   # paper Eq. (4): per head q·k = c_q·c_k + p_q·p_k
+        torch.testing.assert_close(layer["content"] + layer["spatial"], layer["combined"], rtol=1e-5, atol=1e-5)
+    maps = cdetr.cross_attention_maps(model, images, mask, layer=-1)
+    h, w = 4, 6   # stride 16
+    for name in ("content", "spatial", "combined"):
+        assert maps[name].shape == (2, 4, 6, h, w)
+        torch.testing.assert_close(maps[name].sum((-2, -1)), torch.ones(2, 4, 6))
+        assert maps[name][1, :, :, 3:, :].abs().max() == 0   # padded rows get no attention
+        assert maps[name][1, :, :, :, 4:].abs().max() == 0   # padded columns neither
+
+
+def test_masked_cells_are_ignored():
+    """After the CNN, whatever lies in padded cells changes nothing: the encoder and decoder
+    never attend there and the key positions are normalized by the valid extent."""
+    torch.manual_seed(0)
+    model = cdetr.ConditionalDETR(tiny_config()).eval()
+    channels = model.backbone.num_channels
+    features = torch.randn(1, channels, 4, 5)
+    padded = torch.randn(1, channels, 6, 8) * 100     # junk everywhere...
+    padded[..., :4, :5] = features                    # ...but the valid region
+    mask = torch.ones(1, 6, 8, dtype=torch.bool)
+    mask[..., :4, :5] = False
+    with torch.no_grad():
+        alone = model.forward_features(features, torch.zeros(1, 4, 5, dtype=torch.bool))
+        inside = model.forward_features(padded, mask)
+    torch.testing.assert_close(inside["pred_logits"], alone["pred_logits"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(inside["pred_boxes"], alone["pred_boxes"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(decoder="deformable"), "decoder must be"),
+    (dict(hidden_dim=30, nheads=3), "multiple of 4"),
+    (dict(hidden_dim=64, nheads=5), "not divisible by nheads"),
+    (dict(backbone="resnet18", dilation=True), "cannot dilate"),
+    (dict(train_backbone="some"), "train_backbone"),
+])
+def test_bad_config(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        cdetr.Config(**overrides)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown preset 'r34'"):
+        cdetr.preset("r34")
+
+
+def test_bad_input_shapes():
+    model = cdetr.ConditionalDETR(tiny_config())
+    with pytest.raises(ValueError, match="expected images"):
+        model(torch.randn(3, 64, 64), torch.zeros(64, 64, dtype=torch.bool))
+    with pytest.raises(ValueError, match="expected images"):
+        model(torch.randn(2, 3, 64, 64), torch.zeros(2, 32, 64, dtype=torch.bool))

@@ -1,0 +1,84 @@
+"""Training behaviour of the model and criterion: gradients reach every parameter, a small
+model overfits one batch, and the DETR baseline trains."""
+
+import time
+
+import pytest
+import torch
+from torchvision.ops import box_convert, box_iou
+
+import cdetr
+from test_model import tiny_config
+
+
+def two_synthetic_images(size=64):
+    """Two images with bright rectangles on a dark noisy background, and their targets."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, size, size, generator=g) * 0.2
+    boxes_px = [torch.tensor([[8., 10, 30, 40], [36, 20, 60, 56]]), torch.tensor([[20., 16, 48, 44]])]
+    targets = []
+    for i, boxes in enumerate(boxes_px):
+        for j, (x0, y0, x1, y1) in enumerate(boxes.long().tolist()):
+            images[i, j % 3, y0:y1, x0:x1] = 1.0
+        targets.append({"labels": torch.arange(1, len(boxes) + 1),
+                        "boxes": box_convert(boxes / size, "xyxy", "cxcywh")})
+    return images, torch.zeros(2, size, size, dtype=torch.bool), targets
+
+
+@pytest.mark.parametrize("decoder", ["conditional", "detr"])
+def test_every_trainable_parameter_gets_a_gradient(decoder):
+    """A parameter the forward pass never uses (say a stray ca_qpos_proj in a later
+    conditional layer) would be left with grad None."""
+    torch.manual_seed(0)
+    cfg = tiny_config(decoder=decoder, dec_layers=3)
+    model = cdetr.ConditionalDETR(cfg)
+    images, mask, targets = two_synthetic_images()
+    cdetr.SetCriterion(cfg)(model(images, mask), targets)["loss"].backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+
+
+def test_official_backbone_training_choice():
+    model = cdetr.ConditionalDETR(cdetr.preset("r50"))
+    trainable = {n.split(".")[1] for n, p in model.backbone.named_parameters() if p.requires_grad}
+    assert trainable == {"layer2", "layer3", "layer4"}
+
+
+def test_small_model_overfits_one_batch():
+    torch.manual_seed(0)
+    cfg = tiny_config(hidden_dim=64, enc_layers=1, dim_feedforward=128, num_queries=10)
+    model, criterion = cdetr.ConditionalDETR(cfg), cdetr.SetCriterion(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    images, mask, targets = two_synthetic_images()
+    start = time.time()
+    for step in range(150):
+        losses = criterion(model(images, mask), targets)
+        if step == 0:
+            first_loss = losses["loss"].item()
+        optimizer.zero_grad()
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+        optimizer.step()
+    with torch.no_grad():   # still in train mode: BatchNorm uses this batch's statistics
+        outputs = model(images, mask)
+    assert criterion(outputs, targets)["loss"].item() < first_loss / 10
+    for i, (q, t) in enumerate(criterion.matcher(outputs, targets)):
+        predicted = box_convert(outputs["pred_boxes"][i, q], "cxcywh", "xyxy")
+        expected = box_convert(targets[i]["boxes"][t], "cxcywh", "xyxy")
+        assert (box_iou(predicted, expected).diag() > 0.9).all()
+        assert (outputs["pred_logits"][i, q].argmax(-1) == targets[i]["labels"][t]).all()
+    assert time.time() - start < 60
+
+
+def test_detr_baseline_trains_one_step():
+    torch.manual_seed(0)
+    cfg = tiny_config(decoder="detr")
+    model, criterion = cdetr.ConditionalDETR(cfg), cdetr.SetCriterion(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    images, mask, targets = two_synthetic_images()
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = criterion(model(images, mask), targets)["loss"]
+    assert torch.isfinite(loss)
+    loss.backward()
+    optimizer.step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
