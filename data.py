@@ -1,0 +1,331 @@
+"""Data for cdetr: COCO-format datasets, the paper's augmentations, and a built-in
+synthetic "shapes" dataset that trains on a laptop CPU.
+
+    python data.py shapes --out data/shapes      # write the synthetic set in COCO layout
+
+A dataset item is (image, target): image (3, H, W) float, ImageNet-normalized; target a dict
+    labels    (M,) int64, the dataset's own category ids (COCO: 1..90, so 91 logits)
+    boxes     (M, 4) float, normalized (cx, cy, w, h) relative to the transformed image
+    image_id  int;  orig_size, size: (2,) int64 as (height, width) before / after transforms
+`collate` pads a list of items into (images (B, 3, H, W), mask (B, H, W) True on padding,
+targets): what cdetr.ConditionalDETR(images, mask) and cdetr.SetCriterion take.
+"""
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import random
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+from pycocotools.coco import COCO
+from torchvision import tv_tensors
+from torchvision.ops import box_convert
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+
+class DatasetError(Exception):
+    """Bad dataset input; the message names the file and the problem."""
+
+
+# ----------------------------------------------------------------------------------------
+# Augmentations: the paper's (DETR's) recipe, scaled by image_size / 800.
+# ----------------------------------------------------------------------------------------
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class RandomSizeCrop:
+    """Crop a random region whose width and height are drawn uniformly from
+    [min_size, min(max_size, image side)]; the one step of the recipe v2 lacks.
+    Boxes are cut to the crop; SanitizeBoundingBoxes afterwards drops the ones that vanish."""
+
+    def __init__(self, min_size: int, max_size: int):
+        self.min_size, self.max_size = min_size, max_size
+
+    def __call__(self, image, target):
+        height, width = TF.get_size(image)
+        h = random.randint(min(self.min_size, height), min(height, self.max_size))
+        w = random.randint(min(self.min_size, width), min(width, self.max_size))
+        top, left = random.randint(0, height - h), random.randint(0, width - w)
+        target = dict(target, boxes=TF.crop(target["boxes"], top, left, h, w))
+        return TF.crop(image, top, left, h, w), target
+
+
+def make_transforms(train: bool, image_size: int = 800) -> v2.Compose:
+    """The paper's recipe for image_size=800: training flips, then either resizes the shorter
+    side to one of 480, 512, ..., 800 (longer side at most 1333), or resizes to 400/500/600,
+    crops 384..600 and does the multi-scale resize; validation resizes to 800 (max 1333).
+    Other image sizes scale every number by image_size / 800. Callable on (PIL image,
+    {"boxes": BoundingBoxes, "labels": ...}); returns a normalized float tensor and the dict."""
+    s = image_size / 800
+    scaled = lambda sizes: [max(1, round(x * s)) for x in sizes]  # noqa: E731
+    max_size = round(1333 * s)
+    multi_scale = v2.RandomShortestSize(scaled(range(480, 801, 32)), max_size=max_size)
+    finish = [v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=1),
+              v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if not train:
+        return v2.Compose([v2.RandomShortestSize([image_size], max_size=max_size)] + finish)
+    crop_then_resize = v2.Compose([v2.RandomShortestSize(scaled([400, 500, 600])),
+                                   RandomSizeCrop(*scaled([384, 600])), multi_scale])
+    return v2.Compose([v2.RandomHorizontalFlip(), v2.RandomChoice([multi_scale, crop_then_resize])] + finish)
+
+
+# ----------------------------------------------------------------------------------------
+# COCO-format datasets
+# ----------------------------------------------------------------------------------------
+
+
+def coco_paths(root: str | Path, split: str) -> tuple[Path, Path]:
+    """The COCO layout: root/{split}2017/ and root/annotations/instances_{split}2017.json."""
+    root = Path(root)
+    return root / f"{split}2017", root / "annotations" / f"instances_{split}2017.json"
+
+
+class CocoDetection(torch.utils.data.Dataset):
+    """Images in `images_dir`, COCO-format annotations in `annotation_file`.
+
+    Crowd annotations are left out, as in the official code. Boxes are clipped to the image;
+    boxes with no area left are dropped and counted in one warning. Images without
+    annotations stay, as negatives. `subset`: keep the first N images, or N drawn with
+    `subset_seed`. `skip_bad_images`: unreadable images are skipped with a warning (the item
+    is None and `collate` leaves it out) instead of raising DatasetError."""
+
+    def __init__(self, images_dir, annotation_file, transforms=None, subset: int | None = None,
+                 subset_seed: int | None = None, skip_bad_images: bool = False):
+        self.images_dir, self.annotation_file = Path(images_dir), Path(annotation_file)
+        if not self.images_dir.is_dir():
+            raise DatasetError(f"{self.images_dir}: image folder not found")
+        if not self.annotation_file.is_file():
+            raise DatasetError(f"{self.annotation_file}: annotation file not found (expected COCO-format json)")
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):   # pycocotools prints progress
+                self.coco = COCO(str(self.annotation_file))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DatasetError(f"{self.annotation_file}: not valid json ({e})") from None
+        except (KeyError, TypeError, AssertionError) as e:
+            raise DatasetError(f"{self.annotation_file}: not a COCO detection file (needs 'images', "
+                               f"'annotations' and 'categories'; failed on {e!r})") from None
+        ids = sorted(self.coco.imgs)
+        if subset is not None:
+            ids = sorted(random.Random(subset_seed).sample(ids, min(subset, len(ids)))) if subset_seed is not None else ids[:subset]
+        if not ids:
+            raise DatasetError(f"{self.annotation_file}: the dataset has no images")
+        self.ids, self.transforms, self.skip_bad_images = ids, transforms, skip_bad_images
+        self.category_names = {c["id"]: c["name"] for c in self.coco.dataset.get("categories", [])}
+        self.num_classes = max(self.category_names, default=0) + 1
+        self.targets, dropped = {}, 0
+        for image_id in ids:
+            boxes, labels, dropped_here = self._clean_annotations(image_id)
+            self.targets[image_id] = (boxes, labels)
+            dropped += dropped_here
+        if dropped:
+            warnings.warn(f"{self.annotation_file}: dropped {dropped} boxes with zero or negative size "
+                          f"or outside their image", stacklevel=2)
+        self.skipped = 0
+
+    def _clean_annotations(self, image_id: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """Boxes (M, 4) absolute (x0, y0, x1, y1) clipped to the image, labels (M,), and how
+        many non-crowd annotations were dropped for having no area inside the image."""
+        info = self.coco.imgs[image_id]
+        anns = [a for a in self.coco.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
+        unknown = {a["category_id"] for a in anns} - set(self.category_names)
+        if unknown:
+            raise DatasetError(f"{self.annotation_file}: image {image_id} uses category ids {sorted(unknown)} "
+                               f"missing from 'categories'")
+        boxes = np.array([a["bbox"] for a in anns], dtype=np.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]                                         # xywh -> xyxy
+        boxes[:, 0::2] = boxes[:, 0::2].clip(0, info["width"])
+        boxes[:, 1::2] = boxes[:, 1::2].clip(0, info["height"])
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        labels = np.array([a["category_id"] for a in anns], dtype=np.int64)
+        return boxes[keep], labels[keep], int((~keep).sum())
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def load_image(self, image_id: int) -> Image.Image:
+        """The image as RGB (grayscale, palette and RGBA are converted), size-checked."""
+        info = self.coco.imgs[image_id]
+        path = self.images_dir / info["file_name"]
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise DatasetError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+        if image.size != (info["width"], info["height"]):
+            raise DatasetError(f"{path}: image is {image.size[0]}x{image.size[1]} but {self.annotation_file.name} "
+                               f"says {info['width']}x{info['height']}")
+        return image
+
+    def __getitem__(self, index: int):
+        image_id = self.ids[index]
+        try:
+            image = self.load_image(image_id)
+        except DatasetError as e:
+            if not self.skip_bad_images:
+                raise
+            self.skipped += 1
+            warnings.warn(f"skipping {e} ({self.skipped} skipped so far in this process)")
+            return None
+        boxes, labels = self.targets[image_id]
+        target = {"boxes": tv_tensors.BoundingBoxes(torch.from_numpy(boxes), format="XYXY",
+                                                    canvas_size=(image.height, image.width)),
+                  "labels": torch.from_numpy(labels)}
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        else:
+            image = TF.to_dtype(TF.to_image(image), torch.float32, scale=True)
+        height, width = image.shape[-2:]
+        boxes = box_convert(target["boxes"].as_subclass(torch.Tensor), "xyxy", "cxcywh")
+        boxes = boxes / torch.tensor([width, height, width, height], dtype=torch.float32)
+        return image, {"labels": target["labels"], "boxes": boxes, "image_id": image_id,
+                       "orig_size": torch.tensor([self.coco.imgs[image_id]["height"], self.coco.imgs[image_id]["width"]]),
+                       "size": torch.tensor([height, width])}
+
+
+def build_dataset(images_dir, annotation_file, train: bool, image_size: int = 800, **kwargs) -> CocoDetection:
+    """A CocoDetection with the paper's training or validation transforms at `image_size`."""
+    return CocoDetection(images_dir, annotation_file, make_transforms(train, image_size), **kwargs)
+
+
+def collate(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+    """Pad images to the batch's largest height and width (bottom and right). Returns images
+    (B, 3, H, W), mask (B, H, W) True on padding, and the targets. None items (skipped
+    images) are left out."""
+    batch = [item for item in batch if item is not None]
+    if not batch:
+        raise DatasetError("every image of a batch was unreadable and skipped")
+    height = max(image.shape[1] for image, _ in batch)
+    width = max(image.shape[2] for image, _ in batch)
+    images = torch.zeros(len(batch), 3, height, width)
+    mask = torch.ones(len(batch), height, width, dtype=torch.bool)
+    for i, (image, _) in enumerate(batch):
+        images[i, :, :image.shape[1], :image.shape[2]] = image
+        mask[i, :image.shape[1], :image.shape[2]] = False
+    return images, mask, [target for _, target in batch]
+
+
+# ----------------------------------------------------------------------------------------
+# The built-in synthetic dataset: filled shapes on a textured, noisy, colourful background.
+# ----------------------------------------------------------------------------------------
+
+SHAPES = ("rectangle", "ellipse", "triangle")     # category ids 1, 2, 3
+
+
+def draw_shapes_image(rng: np.random.Generator, size: int, min_side: int, max_side: int,
+                      max_objects: int = 4, max_overlap: float = 0.2):
+    """One image: a smooth random colour field, streaks and pixel noise, with 1..max_objects
+    filled shapes of random colour, later shapes drawn over earlier ones. Returns the PIL image
+    and one dict per shape: "category" (id), "box" (x0, y0, x1, y1) in pixels with x1, y1
+    exclusive, tight around the shape's "mask" (size, size) bool, its pixels before occlusion."""
+    coarse = rng.uniform(40, 215, size=(4, 4, 3)).astype(np.uint8)
+    background = Image.fromarray(coarse).resize((size, size), Image.BICUBIC)
+    draw = ImageDraw.Draw(background)
+    for _ in range(rng.integers(3, 8)):                # thin streaks: texture, not objects
+        points = [tuple(int(v) for v in rng.integers(0, size, 2)) for _ in range(2)]
+        draw.line(points, fill=tuple(int(v) for v in rng.integers(0, 256, 3)), width=int(rng.integers(1, 3)))
+    image = np.asarray(background.filter(ImageFilter.GaussianBlur(0.6)), dtype=np.float32)
+    objects, placed = [], []
+    for _ in range(rng.integers(1, max_objects + 1)):
+        for _attempt in range(20):                     # rejection sampling for limited overlap
+            w, h = rng.integers(min_side, max_side + 1, 2)
+            x0, y0 = rng.integers(0, size - w + 1), rng.integers(0, size - h + 1)
+            box = np.array([x0, y0, x0 + w, y0 + h])
+            if all(_overlap(box, other) <= max_overlap for other in placed):
+                break
+        else:
+            continue
+        category = int(rng.integers(1, len(SHAPES) + 1))
+        shape_mask = Image.new("L", (size, size))
+        pen = ImageDraw.Draw(shape_mask)
+        x1, y1 = x0 + w - 1, y0 + h - 1
+        if SHAPES[category - 1] == "rectangle":
+            pen.rectangle([x0, y0, x1, y1], fill=255)
+        elif SHAPES[category - 1] == "ellipse":
+            pen.ellipse([x0, y0, x1, y1], fill=255)
+        else:
+            apex = int(rng.integers(x0, x1 + 1))
+            pen.polygon([(x0, y1), (x1, y1), (apex, y0)], fill=255)
+        mask = np.asarray(shape_mask) > 127
+        colour = rng.uniform(0, 255, 3).astype(np.float32)
+        image[mask] = colour
+        ys, xs = np.nonzero(mask)
+        tight = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+        objects.append({"category": category, "box": tight, "mask": mask})
+        placed.append(box)
+    image = image + rng.normal(0, 8, image.shape)
+    return Image.fromarray(image.clip(0, 255).astype(np.uint8)), objects
+
+
+def _overlap(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over the smaller box's area."""
+    iw = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    return iw * ih / min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
+
+
+def make_shapes_dataset(out: str | Path, num_train: int = 2000, num_val: int = 300, size: int = 128,
+                        min_side: int = 16, max_side: int = 56, seed: int = 0) -> Path:
+    """Write the shapes dataset in COCO layout under `out` (train2017/, val2017/,
+    annotations/instances_{train,val}2017.json). Deterministic for a given seed."""
+    out = Path(out)
+    if not 0 < min_side <= max_side <= size:
+        raise ValueError(f"need 0 < min_side <= max_side <= size, got {min_side}, {max_side}, {size}")
+    for split, count, split_seed in (("train", num_train, 0), ("val", num_val, 1)):
+        images_dir, annotation_file = coco_paths(out, split)
+        images_dir.mkdir(parents=True, exist_ok=True)
+        annotation_file.parent.mkdir(parents=True, exist_ok=True)
+        coco = {"images": [], "annotations": [],
+                "categories": [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(SHAPES)]}
+        for image_id in range(1, count + 1):
+            rng = np.random.default_rng([seed, split_seed, image_id])
+            image, objects = draw_shapes_image(rng, size, min_side, max_side)
+            file_name = f"{image_id:06d}.png"
+            image.save(images_dir / file_name)
+            coco["images"].append({"id": image_id, "file_name": file_name, "width": size, "height": size})
+            for shape in objects:
+                x0, y0, x1, y1 = shape["box"]
+                coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": image_id,
+                                            "category_id": shape["category"], "bbox": [x0, y0, x1 - x0, y1 - y0],
+                                            "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
+        tmp = annotation_file.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(coco))
+        tmp.replace(annotation_file)    # the json appears last and whole: its presence means "done"
+    return out
+
+
+def ensure_shapes_dataset(out: str | Path, **kwargs) -> Path:
+    """Generate the shapes dataset unless `out` already holds one (used by train.py)."""
+    if not all(coco_paths(out, split)[1].is_file() for split in ("train", "val")):
+        print(f"generating the synthetic shapes dataset in {out} ...", flush=True)
+        make_shapes_dataset(out, **kwargs)
+    return Path(out)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    shapes = sub.add_parser("shapes", help="write the synthetic shapes dataset in COCO layout")
+    shapes.add_argument("--out", default="data/shapes", help="output folder (default: data/shapes)")
+    shapes.add_argument("--train", type=int, default=2000, help="number of training images")
+    shapes.add_argument("--val", type=int, default=300, help="number of validation images")
+    shapes.add_argument("--size", type=int, default=128, help="image side in pixels")
+    shapes.add_argument("--min-side", type=int, default=16, help="smallest shape side in pixels")
+    shapes.add_argument("--max-side", type=int, default=56, help="largest shape side in pixels")
+    shapes.add_argument("--seed", type=int, default=0, help="random seed (same seed, same dataset)")
+    args = parser.parse_args()
+    start = time.time()
+    make_shapes_dataset(args.out, args.train, args.val, args.size, args.min_side, args.max_side, args.seed)
+    print(f"wrote {args.train} training and {args.val} validation images to {args.out} in {time.time() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

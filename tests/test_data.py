@@ -1,0 +1,272 @@
+"""data.py: box geometry under every transform, collate, the shapes generator, bad input."""
+
+import json
+import random
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+import data
+
+
+def boxes_xyxy(values, size):
+    return tv_tensors.BoundingBoxes(torch.tensor(values, dtype=torch.float32), format="XYXY", canvas_size=size)
+
+
+def test_flip_moves_boxes_exactly():
+    image = torch.zeros(3, 40, 100)
+    target = {"boxes": boxes_xyxy([[10, 5, 30, 25]], (40, 100)), "labels": torch.tensor([1])}
+    _, out = v2.RandomHorizontalFlip(p=1.0)(image, target)
+    assert out["boxes"].tolist() == [[70, 5, 90, 25]]       # x -> 100 - x
+
+
+@pytest.mark.parametrize("size, max_size, expected_hw", [(80, None, (80, 200)), (80, 150, (60, 150))])
+def test_resize_scales_boxes_exactly(size, max_size, expected_hw):
+    image = torch.zeros(3, 40, 100)
+    target = {"boxes": boxes_xyxy([[10, 5, 30, 25]], (40, 100)), "labels": torch.tensor([1])}
+    out_image, out = v2.RandomShortestSize([size], max_size=max_size)(image, target)
+    assert tuple(out_image.shape[-2:]) == expected_hw
+    s = expected_hw[0] / 40
+    torch.testing.assert_close(out["boxes"].as_subclass(torch.Tensor), torch.tensor([[10, 5, 30, 25]]) * s)
+
+
+def test_crop_keeps_visible_part_and_drops_vanished_boxes():
+    random.seed(3)
+    image = torch.zeros(3, 100, 100)
+    target = {"boxes": boxes_xyxy([[0, 0, 100, 100], [10, 10, 20, 20], [70, 60, 95, 90]], (100, 100)),
+              "labels": torch.tensor([1, 2, 3])}
+    pipeline = v2.Compose([data.RandomSizeCrop(40, 60), v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=1)])
+    seen = set()
+    for _ in range(30):
+        cropped, out = pipeline(image, target)
+        h, w = cropped.shape[-2:]
+        assert 40 <= h <= 60 and 40 <= w <= 60
+        kept = out["boxes"].as_subclass(torch.Tensor)
+        assert out["labels"][0] == 1 and kept[0].tolist() == [0, 0, w, h]   # the full-image box becomes the crop
+        for label, box in zip(out["labels"][1:].tolist(), kept[1:]):
+            original = target["boxes"][label - 1].as_subclass(torch.Tensor)
+            assert (box[2:] - box[:2] >= 1).all() and (box[2:] - box[:2] <= original[2:] - original[:2]).all()
+        seen.add(len(out["labels"]))
+    assert len(seen) > 1   # some crops dropped a box, others kept it
+
+
+def test_crop_geometry_matches_direct_computation(monkeypatch):
+    """With the crop window fixed, the boxes are exactly the clipped, shifted originals."""
+    draws = iter([50, 60, 30, 20])   # h, w, top, left
+    monkeypatch.setattr(data.random, "randint", lambda a, b: next(draws))
+    image = torch.zeros(3, 100, 120)
+    target = {"boxes": boxes_xyxy([[10, 10, 40, 40], [25, 35, 100, 70], [0, 0, 15, 25]], (100, 120)),
+              "labels": torch.tensor([1, 2, 3])}
+    pipeline = v2.Compose([data.RandomSizeCrop(40, 60), v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=1)])
+    cropped, out = pipeline(image, target)
+    assert tuple(cropped.shape[-2:]) == (50, 60)
+    # crop window: x in [20, 80), y in [30, 80)
+    assert out["labels"].tolist() == [1, 2]
+    assert out["boxes"].tolist() == [[0, 0, 20, 10], [5, 5, 60, 40]]
+
+
+def test_training_pipeline_keeps_boxes_normalized_and_inside():
+    random.seed(0)
+    torch.manual_seed(0)
+    transform = data.make_transforms(train=True, image_size=128)
+    image = Image.new("RGB", (160, 120))
+    for _ in range(30):
+        target = {"boxes": boxes_xyxy([[5, 5, 60, 50], [100, 60, 150, 115]], (120, 160)), "labels": torch.tensor([1, 2])}
+        out_image, out = transform(image, target)
+        assert out_image.dtype == torch.float32 and max(out_image.shape[-2:]) <= round(1333 * 128 / 800)
+        boxes = out["boxes"].as_subclass(torch.Tensor)
+        assert (boxes[:, 2:] > boxes[:, :2]).all()
+        assert (boxes[:, 0::2] <= out_image.shape[-1]).all() and (boxes[:, 1::2] <= out_image.shape[-2]).all()
+
+
+def test_validation_transform_is_deterministic_resize():
+    transform = data.make_transforms(train=False, image_size=64)
+    image = Image.new("RGB", (200, 100))
+    target = {"boxes": boxes_xyxy([[20, 10, 60, 50]], (100, 200)), "labels": torch.tensor([1])}
+    out_image, out = transform(image, target)
+    # shorter side 64 would make the longer 128 > round(1333 * 64 / 800) = 107, so the cap binds
+    assert tuple(out_image.shape[-2:]) == (53, 107)
+    sx, sy = 107 / 200, 53 / 100
+    torch.testing.assert_close(out["boxes"].as_subclass(torch.Tensor), torch.tensor([[20 * sx, 10 * sy, 60 * sx, 50 * sy]]))
+
+
+def test_collate_pads_and_masks():
+    items = [(torch.ones(3, 20, 30), {"id": 0}), (torch.ones(3, 25, 10), {"id": 1})]
+    images, mask, targets = data.collate(items)
+    assert images.shape == (2, 3, 25, 30) and mask.shape == (2, 25, 30)
+    assert (~mask[0, :20, :30]).all() and mask[0, 20:].all()
+    assert (~mask[1, :25, :10]).all() and mask[1, :, 10:].all()
+    assert (images[mask.unsqueeze(1).expand_as(images)] == 0).all()
+    assert [t["id"] for t in targets] == [0, 1]
+
+
+# --- the shapes dataset --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return data.make_shapes_dataset(tmp_path_factory.mktemp("shapes"), num_train=12, num_val=4, size=64,
+                                    min_side=10, max_side=28, seed=5)
+
+
+def test_shapes_is_deterministic(shapes, tmp_path):
+    again = data.make_shapes_dataset(tmp_path, num_train=12, num_val=4, size=64, min_side=10, max_side=28, seed=5)
+    other = data.make_shapes_dataset(tmp_path / "other", num_train=12, num_val=4, size=64, min_side=10, max_side=28, seed=6)
+    for split in ("train", "val"):
+        assert data.coco_paths(shapes, split)[1].read_text() == data.coco_paths(again, split)[1].read_text()
+    assert data.coco_paths(shapes, "train")[1].read_text() != data.coco_paths(other, "train")[1].read_text()
+    first = "000001.png"
+    assert np.array_equal(np.asarray(Image.open(shapes / "train2017" / first)), np.asarray(Image.open(again / "train2017" / first)))
+
+
+def test_shapes_boxes_fit_the_drawn_pixels():
+    rng = np.random.default_rng(11)
+    for _ in range(20):
+        image, objects = data.draw_shapes_image(rng, 96, 12, 40)
+        pixels = np.asarray(image).astype(float)
+        assert 1 <= len(objects) <= 4
+        for shape in objects:
+            x0, y0, x1, y1 = shape["box"]
+            assert shape["category"] in (1, 2, 3) and 0 <= x0 < x1 <= 96 and 0 <= y0 < y1 <= 96
+            ys, xs = np.nonzero(shape["mask"])
+            assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (x0, y0, x1, y1)   # tight on all four sides
+            assert 12 <= x1 - x0 <= 40 and 12 <= y1 - y0 <= 40
+        # the shape drawn last is not occluded: its pixels are one colour plus noise (sigma 8)
+        top = objects[-1]["mask"]
+        assert pixels[top].std(axis=0).max() < 12
+
+
+def test_shapes_dataset_loads(shapes):
+    ds = data.build_dataset(*data.coco_paths(shapes, "train"), train=True, image_size=64)
+    assert len(ds) == 12 and ds.num_classes == 4
+    image, target = ds[0]
+    assert image.shape[0] == 3 and target["boxes"].shape[1] == 4
+    assert ((target["boxes"] >= 0) & (target["boxes"] <= 1)).all()
+    assert target["labels"].dtype == torch.int64 and target["orig_size"].tolist() == [64, 64]
+    assert target["size"].tolist() == list(image.shape[-2:])
+
+
+def test_ensure_shapes_reuses_existing(shapes):
+    before = data.coco_paths(shapes, "train")[1].stat().st_mtime_ns
+    data.ensure_shapes_dataset(shapes)
+    assert data.coco_paths(shapes, "train")[1].stat().st_mtime_ns == before
+
+
+# --- bad input -------------------------------------------------------------------------------------
+
+
+def write_dataset(root, images, annotations, categories=({"id": 1, "name": "a"},)):
+    """images: {file_name: PIL image or bytes}; annotations: list of (file_name, category_id, [x, y, w, h], iscrowd)."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    coco = {"images": [], "annotations": [], "categories": list(categories)}
+    for i, (name, content) in enumerate(images.items(), 1):
+        if isinstance(content, bytes):
+            (root / "images" / name).write_bytes(content)
+            width, height = 32, 32
+        else:
+            content.save(root / "images" / name)
+            width, height = content.size
+        coco["images"].append({"id": i, "file_name": name, "width": width, "height": height})
+    ids = {img["file_name"]: img["id"] for img in coco["images"]}
+    for j, (name, category, bbox, crowd) in enumerate(annotations, 1):
+        coco["annotations"].append({"id": j, "image_id": ids[name], "category_id": category, "bbox": bbox,
+                                    "area": bbox[2] * bbox[3], "iscrowd": crowd})
+    (root / "ann.json").write_text(json.dumps(coco))
+    return root / "images", root / "ann.json"
+
+
+def test_missing_paths_are_named(tmp_path):
+    with pytest.raises(data.DatasetError, match=f"{tmp_path / 'nope'}: image folder not found"):
+        data.CocoDetection(tmp_path / "nope", tmp_path / "ann.json")
+    with pytest.raises(data.DatasetError, match="ann.json: annotation file not found"):
+        data.CocoDetection(tmp_path, tmp_path / "ann.json")
+
+
+def test_bad_json_is_named(tmp_path):
+    (tmp_path / "ann.json").write_text("{not json")
+    with pytest.raises(data.DatasetError, match="ann.json: not valid json"):
+        data.CocoDetection(tmp_path, tmp_path / "ann.json")
+    (tmp_path / "ann.json").write_text(json.dumps({"images": [{"id": 1}], "annotations": [{"image_id": 1}]}))
+    with pytest.raises(data.DatasetError, match="ann.json: not a COCO detection file"):
+        data.CocoDetection(tmp_path, tmp_path / "ann.json")
+
+
+def test_empty_dataset_is_an_error(tmp_path):
+    images, ann = write_dataset(tmp_path, {}, [])
+    with pytest.raises(data.DatasetError, match="ann.json: the dataset has no images"):
+        data.CocoDetection(images, ann)
+
+
+def test_corrupt_image_is_named_or_skipped(tmp_path):
+    images, ann = write_dataset(tmp_path, {"good.png": Image.new("RGB", (32, 32)), "bad.jpg": b"\xff\xd8 not a jpeg"},
+                                [("good.png", 1, [2, 2, 10, 10], 0)])
+    ds = data.CocoDetection(images, ann)
+    with pytest.raises(data.DatasetError, match=r"bad\.jpg: cannot read image"):
+        ds[1]
+    ds = data.CocoDetection(images, ann, skip_bad_images=True)
+    with pytest.warns(UserWarning, match=r"skipping .*bad\.jpg.*\(1 skipped so far"):
+        assert ds[1] is None
+    images_batch, mask, targets = data.collate([ds[0], None])
+    assert images_batch.shape[0] == 1 and len(targets) == 1
+
+
+def test_image_size_mismatch_is_named(tmp_path):
+    images, ann = write_dataset(tmp_path, {"a.png": Image.new("RGB", (32, 32))}, [])
+    coco = json.loads(ann.read_text())
+    coco["images"][0]["width"] = 64
+    ann.write_text(json.dumps(coco))
+    with pytest.raises(data.DatasetError, match=r"a\.png: image is 32x32 but ann\.json says 64x32"):
+        data.CocoDetection(images, ann)[0]
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA"])
+def test_non_rgb_images_become_rgb(tmp_path, mode):
+    images, ann = write_dataset(tmp_path, {"a.png": Image.new(mode, (32, 24))}, [("a.png", 1, [1, 1, 5, 5], 0)])
+    image, _ = data.CocoDetection(images, ann)[0]
+    assert image.shape == (3, 24, 32)
+
+
+def test_degenerate_boxes_are_clipped_or_dropped_and_counted(tmp_path):
+    images, ann = write_dataset(tmp_path, {"a.png": Image.new("RGB", (40, 30)), "b.png": Image.new("RGB", (40, 30))}, [
+        ("a.png", 1, [5, 5, 10, 10], 0),      # fine
+        ("a.png", 1, [30, 20, 20, 20], 0),    # sticks out: clipped to [30, 20, 40, 30]
+        ("a.png", 1, [5, 5, 0, 10], 0),       # zero width: dropped
+        ("a.png", 1, [50, 5, 10, 10], 0),     # outside: dropped
+        ("a.png", 1, [5, 5, 10, -3], 0),      # negative height: dropped
+        ("a.png", 1, [0, 0, 40, 30], 1),      # crowd: left out, not counted
+    ])
+    with pytest.warns(UserWarning, match="dropped 3 boxes with zero or negative size or outside their image"):
+        ds = data.CocoDetection(images, ann)
+    _, target = ds[0]
+    torch.testing.assert_close(target["boxes"], torch.tensor([[10 / 40, 10 / 30, 10 / 40, 10 / 30],
+                                                              [35 / 40, 25 / 30, 10 / 40, 10 / 30]]))
+    _, target = ds[1]                          # no annotations: kept as a negative
+    assert target["boxes"].shape == (0, 4) and target["labels"].shape == (0,)
+
+
+def test_non_contiguous_category_ids(tmp_path):
+    images, ann = write_dataset(tmp_path, {"a.png": Image.new("RGB", (32, 32))},
+                                [("a.png", 7, [1, 1, 5, 5], 0), ("a.png", 42, [8, 8, 5, 5], 0)],
+                                categories=({"id": 7, "name": "x"}, {"id": 42, "name": "y"}))
+    ds = data.CocoDetection(images, ann)
+    assert ds.num_classes == 43
+    assert ds[0][1]["labels"].tolist() == [7, 42]
+
+
+def test_unknown_category_is_named(tmp_path):
+    images, ann = write_dataset(tmp_path, {"a.png": Image.new("RGB", (32, 32))}, [("a.png", 9, [1, 1, 5, 5], 0)])
+    with pytest.raises(data.DatasetError, match=r"image 1 uses category ids \[9\] missing from 'categories'"):
+        data.CocoDetection(images, ann)
+
+
+def test_subset_first_or_seeded(tmp_path):
+    images, ann = write_dataset(tmp_path, {f"{i}.png": Image.new("RGB", (8, 8)) for i in range(10)}, [])
+    assert data.CocoDetection(images, ann, subset=3).ids == [1, 2, 3]
+    seeded = data.CocoDetection(images, ann, subset=3, subset_seed=1).ids
+    assert seeded == data.CocoDetection(images, ann, subset=3, subset_seed=1).ids and len(seeded) == 3
+    assert seeded != [1, 2, 3] or data.CocoDetection(images, ann, subset=3, subset_seed=2).ids != [1, 2, 3]

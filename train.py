@@ -1,0 +1,262 @@
+"""Train Conditional DETR.
+
+    python train.py                                   # built-in shapes data, tiny preset, CPU
+    python train.py --coco-path /data/coco --preset r50 --pretrained-backbone
+    torchrun --nproc_per_node=8 train.py --coco-path /data/coco --preset r50 --pretrained-backbone
+
+Each epoch trains, evaluates COCO AP on the validation set, appends a line to
+<output-dir>/log.jsonl and writes <output-dir>/checkpoint.pth (and best.pth when AP improves).
+Checkpoints hold the model, optimizer, scheduler, epoch, config and RNG states, are written
+atomically, and `--resume` continues a run exactly.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import cdetr
+import data
+from evaluate import coco_metrics, predict
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = p.add_argument_group("data (default: the built-in shapes dataset, generated on first use)")
+    d.add_argument("--coco-path", help="COCO-layout folder: train2017/, val2017/, annotations/instances_*2017.json")
+    d.add_argument("--train-images", help="training image folder of a COCO-format dataset")
+    d.add_argument("--train-annotations", help="training annotation json of a COCO-format dataset")
+    d.add_argument("--val-images", help="validation image folder")
+    d.add_argument("--val-annotations", help="validation annotation json")
+    d.add_argument("--shapes-dir", default="data/shapes", help="where the built-in shapes dataset lives")
+    d.add_argument("--subset", type=int, help="train on N training images only")
+    d.add_argument("--subset-seed", type=int, help="draw the --subset images at random with this seed (default: the first N)")
+    d.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images with a warning instead of stopping")
+    m = p.add_argument_group("model and optimisation (defaults come from the preset)")
+    m.add_argument("--preset", choices=sorted(cdetr.PRESETS),
+                   help="recipe from cdetr.PRESETS (default: tiny for the shapes data, r50 otherwise)")
+    m.add_argument("--decoder", choices=["conditional", "detr"], help="conditional (the paper) or the DETR baseline")
+    m.add_argument("--pretrained-backbone", action="store_true", help="start the backbone from ImageNet weights (downloads)")
+    m.add_argument("--epochs", type=int)
+    m.add_argument("--batch-size", type=int, help="images per process and step")
+    m.add_argument("--lr", type=float, help="learning rate of the transformer and heads")
+    m.add_argument("--lr-backbone", type=float, help="learning rate of the backbone")
+    m.add_argument("--image-size", type=int, help="validation shorter side; training sizes scale with it")
+    m.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override any cdetr.Config field, e.g. --set hidden_dim=128 dec_layers=3")
+    r = p.add_argument_group("running")
+    r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    r.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA)")
+    r.add_argument("--num-workers", type=int, default=2, help="data-loading processes")
+    r.add_argument("--seed", type=int, default=42)
+    r.add_argument("--output-dir", default="runs/train", help="log.jsonl and checkpoints go here")
+    r.add_argument("--resume", help="checkpoint to continue from (its config wins over the flags above)")
+    r.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
+    return p.parse_args(argv)
+
+
+def make_config(args) -> cdetr.Config:
+    """The preset, then the explicit flags, then --set."""
+    overrides = {k: v for k, v in dict(decoder=args.decoder, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                       lr_backbone=args.lr_backbone, image_size=args.image_size).items() if v is not None}
+    if args.pretrained_backbone:
+        overrides["pretrained_backbone"] = True
+    types = {f.name: f.type for f in fields(cdetr.Config)}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in types:
+            sys.exit(f"--set {item}: Config has no field {key!r}")
+        cast = (lambda v: v.lower() in ("1", "true", "yes")) if types[key] is bool else types[key]
+        overrides[key] = cast(value)
+    return cdetr.preset(args.preset, **overrides)
+
+
+def save_atomically(state: dict, path: Path):
+    """Write to a temporary file, then rename: a crash never leaves a broken checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def rng_states() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_states(states: dict):
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if torch.cuda.is_available() and states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+
+    # --- distributed: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; plain python sets none
+    distributed = "RANK" in os.environ
+    if distributed:
+        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if args.device == "cuda" else args.device)
+    else:
+        rank, world_size, device = 0, 1, torch.device(args.device)
+    main_process = rank == 0
+
+    # --- data
+    if args.coco_path:
+        (args.train_images, args.train_annotations), (args.val_images, args.val_annotations) = (
+            data.coco_paths(args.coco_path, "train"), data.coco_paths(args.coco_path, "val"))
+    elif not args.train_images:
+        if main_process:
+            data.ensure_shapes_dataset(args.shapes_dir)
+        if distributed:
+            dist.barrier()
+        (args.train_images, args.train_annotations), (args.val_images, args.val_annotations) = (
+            data.coco_paths(args.shapes_dir, "train"), data.coco_paths(args.shapes_dir, "val"))
+        args.preset = args.preset or "tiny"
+    if not (args.train_annotations and args.val_images and args.val_annotations):
+        sys.exit("error: give --coco-path, or all of --train-images --train-annotations --val-images --val-annotations")
+    args.preset = args.preset or "r50"
+
+    checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False) if args.resume else None
+    cfg = make_config(args)
+    if checkpoint:
+        cfg = cdetr.Config(**(checkpoint["config"] | ({"epochs": args.epochs} if args.epochs else {})))
+    torch.manual_seed(args.seed + rank)
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    try:
+        train_set = data.build_dataset(args.train_images, args.train_annotations, train=True, image_size=cfg.image_size,
+                                       subset=args.subset, subset_seed=args.subset_seed, skip_bad_images=args.skip_bad_images)
+        val_set = data.build_dataset(args.val_images, args.val_annotations, train=False, image_size=cfg.image_size,
+                                     skip_bad_images=args.skip_bad_images)
+    except data.DatasetError as e:
+        sys.exit(f"error: {e}")
+    if not checkpoint and not any(s.startswith("num_classes=") for s in args.set):
+        cfg = cdetr.Config(**(asdict(cfg) | {"num_classes": train_set.num_classes}))
+    args.image_size = cfg.image_size
+
+    # --- model, loss, optimizer: the official two learning rates, AdamW and a step decay
+    model = cdetr.ConditionalDETR(cfg).to(device)
+    criterion = cdetr.SetCriterion(cfg)
+    param_groups = [
+        {"params": [p for n, p in model.named_parameters() if not n.startswith("backbone.") and p.requires_grad]},
+        {"params": [p for n, p in model.named_parameters() if n.startswith("backbone.") and p.requires_grad],
+         "lr": cfg.lr_backbone},
+    ]
+    optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_drop, gamma=0.1)
+    start_epoch, best_ap = 0, -1.0
+    if checkpoint:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["lr_scheduler"])
+        start_epoch, best_ap = checkpoint["epoch"] + 1, checkpoint["best_ap"]
+        if main_process:   # other processes keep their seeds: exact resume is a single-process promise
+            set_rng_states(checkpoint["rng"])
+    trained_model = model
+    if distributed:
+        trained_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    output_dir = Path(args.output_dir)
+    if main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"preset {args.preset}, decoder {cfg.decoder}, {n_params / 1e6:.2f} M parameters, "
+              f"{len(train_set)} training / {len(val_set)} validation images, {world_size} process(es) on {device}")
+    val_shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world_size))
+    val_loader = torch.utils.data.DataLoader(val_shard, batch_size=cfg.batch_size * 2, num_workers=args.num_workers,
+                                             collate_fn=data.collate)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        # --- one epoch of training. The data order depends only on (seed, epoch), so that
+        # a resumed run sees the same batches as an uninterrupted one.
+        order = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+        if distributed:
+            sampler = torch.utils.data.DistributedSampler(train_set, seed=args.seed, drop_last=True)
+            sampler.set_epoch(epoch)
+        else:
+            sampler = torch.utils.data.RandomSampler(train_set, generator=order)
+        loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                                             num_workers=args.num_workers, collate_fn=data.collate, generator=order,
+                                             persistent_workers=False)
+        trained_model.train()
+        sums, steps, start = {}, 0, time.time()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not main_process, dynamic_ncols=True)
+        for images, mask, targets in bar:
+            targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+                outputs = trained_model(images.to(device), mask.to(device))
+            losses = criterion(outputs, targets)
+            if not math.isfinite(losses["loss"].item()):
+                terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+                sys.exit(f"error: non-finite loss at epoch {epoch + 1}, step {steps + 1}: {terms}\n"
+                         f"stopping; the last good checkpoint is {output_dir / 'checkpoint.pth'}")
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            if cfg.clip_max_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_max_norm)
+            optimizer.step()
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v.detach()
+            steps += 1
+            bar.set_postfix(loss=f"{losses['loss'].item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}")
+        scheduler.step()
+        totals = torch.stack(list(sums.values())) / max(steps, 1)
+        if distributed:   # average the logged losses over processes
+            dist.all_reduce(totals)
+            totals /= world_size
+        record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+                  **{f"train_{k}": round(v, 5) for k, v in zip(sums, totals.tolist())},
+                  "epoch_time": round(time.time() - start, 1)}
+
+        # --- evaluation: every process predicts its shard, the main process scores them all
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == cfg.epochs:
+            start = time.time()
+            detections = predict(model, val_loader, device, args.amp)
+            if distributed:
+                gathered = [None] * world_size
+                dist.all_gather_object(gathered, detections)
+                detections = [d for part in gathered for d in part]
+            if main_process:
+                print(f"epoch {epoch + 1}: validation")
+                record.update(coco_metrics(val_set.coco, detections, val_set.ids))
+                record["eval_time"] = round(time.time() - start, 1)
+
+        # --- log and checkpoint (main process only)
+        if main_process:
+            with open(output_dir / "log.jsonl", "a") as log:
+                log.write(json.dumps(record) + "\n")
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "lr_scheduler": scheduler.state_dict(), "epoch": epoch, "config": asdict(cfg),
+                     "args": vars(args), "best_ap": max(best_ap, record.get("AP", -1.0)), "rng": rng_states()}
+            save_atomically(state, output_dir / "checkpoint.pth")
+            if record.get("AP", -1.0) > best_ap:
+                best_ap = record["AP"]
+                save_atomically(state, output_dir / "best.pth")
+        if distributed:
+            dist.barrier()
+
+    if main_process:
+        history = [json.loads(line) for line in open(output_dir / "log.jsonl")] if (output_dir / "log.jsonl").exists() else []
+        curve = ", ".join(f"{r['epoch']}: {r['AP']:.3f}" for r in history if "AP" in r)
+        print(f"done. AP per epoch: {curve}\nbest AP {best_ap:.3f}; checkpoints in {output_dir}")
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
