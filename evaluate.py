@@ -52,7 +52,7 @@ def coco_metrics(coco_gt, detections: list[dict], image_ids: list[int], verbose:
     """The 12 COCO box metrics of `detections` on `image_ids`. Prints the AP table if
     verbose. Returns zeros, with a message, when nothing was detected."""
     known = set(coco_gt.getCatIds())
-    detections = [d for d in detections if d["category_id"] in known]
+    detections = [dict(d) for d in detections if d["category_id"] in known]   # loadRes edits them in place
     if not detections:
         print("evaluation: the model predicted no box of a known category; every metric is 0")
         return dict.fromkeys(METRICS, 0.0)
