@@ -272,6 +272,14 @@ def _overlap(a: np.ndarray, b: np.ndarray) -> float:
     return iw * ih / min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
 
 
+def shapes_example(index: int, split: str = "val", seed: int = 0, size: int = 128, min_side: int = 16,
+                   max_side: int = 56):
+    """Image `index` (1-based) of a split of the shapes dataset with these settings, drawn
+    directly: the same pixels and objects that make_shapes_dataset writes."""
+    rng = np.random.default_rng([seed, {"train": 0, "val": 1}[split], index])
+    return draw_shapes_image(rng, size, min_side, max_side)
+
+
 def make_shapes_dataset(out: str | Path, num_train: int = 2000, num_val: int = 300, size: int = 128,
                         min_side: int = 16, max_side: int = 56, seed: int = 0) -> Path:
     """Write the shapes dataset in COCO layout under `out` (train2017/, val2017/,
@@ -279,15 +287,14 @@ def make_shapes_dataset(out: str | Path, num_train: int = 2000, num_val: int = 3
     out = Path(out)
     if not 0 < min_side <= max_side <= size:
         raise ValueError(f"need 0 < min_side <= max_side <= size, got {min_side}, {max_side}, {size}")
-    for split, count, split_seed in (("train", num_train, 0), ("val", num_val, 1)):
+    for split, count in (("train", num_train), ("val", num_val)):
         images_dir, annotation_file = coco_paths(out, split)
         images_dir.mkdir(parents=True, exist_ok=True)
         annotation_file.parent.mkdir(parents=True, exist_ok=True)
         coco = {"images": [], "annotations": [],
                 "categories": [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(SHAPES)]}
         for image_id in range(1, count + 1):
-            rng = np.random.default_rng([seed, split_seed, image_id])
-            image, objects = draw_shapes_image(rng, size, min_side, max_side)
+            image, objects = shapes_example(image_id, split, seed, size, min_side, max_side)
             file_name = f"{image_id:06d}.png"
             image.save(images_dir / file_name)
             coco["images"].append({"id": image_id, "file_name": file_name, "width": size, "height": size})

@@ -1,0 +1,38 @@
+"""The tutorial notebooks run top to bottom (headless, nbclient), so they cannot rot."""
+
+import time
+from pathlib import Path
+
+import nbclient
+import nbformat
+import pytest
+
+TUTORIAL = Path(__file__).resolve().parent.parent / "tutorial"
+
+
+def execute(path: Path) -> tuple[nbformat.NotebookNode, float]:
+    notebook = nbformat.read(path, as_version=4)
+    start = time.time()
+    nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(path.parent)}}).execute()
+    return notebook, time.time() - start
+
+
+def printed(notebook) -> str:
+    return "".join(out.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
+                   for out in cell.get("outputs", []))
+
+
+def images(notebook) -> int:
+    return sum("image/png" in out.get("data", {}) for cell in notebook.cells if cell.cell_type == "code"
+               for out in cell.get("outputs", []))
+
+
+def test_solutions_pass_every_check():
+    notebook, _ = execute(TUTORIAL / "exercises" / "solutions.ipynb")
+    assert printed(notebook).count(": correct") == 3
+
+
+def test_exercises_run_and_report_what_is_missing():
+    notebook, _ = execute(TUTORIAL / "exercises" / "exercises.ipynb")
+    assert printed(notebook).count(": not implemented yet") == 3
