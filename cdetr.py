@@ -110,10 +110,12 @@ class Config:
 
 
 PRESETS = {
-    # [ours] trains from scratch on the built-in 128 px shapes data on a 2-core CPU
+    # [ours] trains from scratch on the built-in 128 px shapes data on a 2-core CPU: a ResNet-18
+    # cut at stride 16 (an 8 x 8 map), one encoder layer (deeper ones delayed the escape from
+    # DETR's early "mean box" plateau), small batches for many steps, lr / 10 for the last 3 epochs.
     "tiny": dict(backbone="resnet18", backbone_stages=3, train_backbone="all", frozen_batchnorm=False,
-                 hidden_dim=128, nheads=8, enc_layers=3, dec_layers=3, dim_feedforward=512, num_queries=30,
-                 image_size=128, batch_size=16, lr=2e-4, lr_backbone=2e-4, epochs=15, lr_drop=12),
+                 hidden_dim=128, nheads=8, enc_layers=1, dec_layers=3, dim_feedforward=512, num_queries=30,
+                 image_size=128, batch_size=4, lr=2e-4, lr_backbone=2e-4, epochs=14, lr_drop=11),
     "r50": dict(),
     "r50-dc5": dict(dilation=True, batch_size=1),   # official DC5 script: 1 image per GPU
     "r101": dict(backbone="resnet101"),

@@ -59,6 +59,10 @@ class RandomSizeCrop:
         return TF.crop(image, top, left, h, w), target
 
 
+def _to_normalized_tensor() -> list:
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+
+
 def make_transforms(train: bool, image_size: int = 800) -> v2.Compose:
     """The paper's recipe for image_size=800: training flips, then either resizes the shorter
     side to one of 480, 512, ..., 800 (longer side at most 1333), or resizes to 400/500/600,
@@ -69,8 +73,7 @@ def make_transforms(train: bool, image_size: int = 800) -> v2.Compose:
     scaled = lambda sizes: [max(1, round(x * s)) for x in sizes]  # noqa: E731
     max_size = round(1333 * s)
     multi_scale = v2.RandomShortestSize(scaled(range(480, 801, 32)), max_size=max_size)
-    finish = [v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=1),
-              v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    finish = [v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=1), *_to_normalized_tensor()]
     if not train:
         return v2.Compose([v2.RandomShortestSize([image_size], max_size=max_size)] + finish)
     crop_then_resize = v2.Compose([v2.RandomShortestSize(scaled([400, 500, 600])),
@@ -211,6 +214,15 @@ def collate(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
         images[i, :, :image.shape[1], :image.shape[2]] = image
         mask[i, :image.shape[1], :image.shape[2]] = False
     return images, mask, [target for _, target in batch]
+
+
+def prepare(images: list[Image.Image], image_size: int = 800) -> tuple[torch.Tensor, torch.Tensor]:
+    """PIL images -> (images (B, 3, H, W), mask (B, H, W)) for the model, resized and normalized
+    as for validation; for inference on images without annotations."""
+    transform = v2.Compose([v2.RandomShortestSize([image_size], max_size=round(1333 * image_size / 800)),
+                            *_to_normalized_tensor()])
+    batch, mask, _ = collate([(transform(image.convert("RGB")), None) for image in images])
+    return batch, mask
 
 
 # ----------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +57,8 @@ def parse_args(argv=None):
     r = p.add_argument_group("running")
     r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     r.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA)")
-    r.add_argument("--num-workers", type=int, default=2, help="data-loading processes")
+    r.add_argument("--num-workers", type=int,
+                   help="data-loading processes (default: 0 on a CPU, where they would compete with the model for cores; 4 on CUDA)")
     r.add_argument("--seed", type=int, default=42)
     r.add_argument("--output-dir", default="runs/train", help="log.jsonl and checkpoints go here")
     r.add_argument("--resume", help="checkpoint to continue from (its config wins over the flags above)")
@@ -113,6 +114,8 @@ def main(argv=None):
     else:
         rank, world_size, device = 0, 1, torch.device(args.device)
     main_process = rank == 0
+    if args.num_workers is None:
+        args.num_workers = 0 if device.type == "cpu" else 4
 
     # --- data
     if args.coco_path:
@@ -130,10 +133,12 @@ def main(argv=None):
         sys.exit("error: give --coco-path, or all of --train-images --train-annotations --val-images --val-annotations")
     args.preset = args.preset or "r50"
 
+    if args.resume and not Path(args.resume).is_file():
+        sys.exit(f"error: {args.resume}: checkpoint not found")
     checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False) if args.resume else None
     cfg = make_config(args)
     if checkpoint:
-        cfg = cdetr.Config(**(checkpoint["config"] | ({"epochs": args.epochs} if args.epochs else {})))
+        cfg = replace(cdetr.Config(**checkpoint["config"]), epochs=args.epochs or checkpoint["config"]["epochs"])
     torch.manual_seed(args.seed + rank)
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
@@ -145,7 +150,7 @@ def main(argv=None):
     except data.DatasetError as e:
         sys.exit(f"error: {e}")
     if not checkpoint and not any(s.startswith("num_classes=") for s in args.set):
-        cfg = cdetr.Config(**(asdict(cfg) | {"num_classes": train_set.num_classes}))
+        cfg = replace(cfg, num_classes=train_set.num_classes)
     args.image_size = cfg.image_size
 
     # --- model, loss, optimizer: the official two learning rates, AdamW and a step decay
@@ -156,7 +161,8 @@ def main(argv=None):
         {"params": [p for n, p in model.named_parameters() if n.startswith("backbone.") and p.requires_grad],
          "lr": cfg.lr_backbone},
     ]
-    optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=device.type in ("cpu", "cuda"))   # one kernel for all parameters
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_drop, gamma=0.1)
     start_epoch, best_ap = 0, -1.0
     if checkpoint:

@@ -1,11 +1,12 @@
 """The paper's claim on your machine: the conditional decoder converges faster than DETR's.
 
-    python benchmarks/convergence.py                      # both decoders, 20 epochs, seed 42
+    python benchmarks/convergence.py                      # both decoders, the tiny preset's 14 epochs
     python benchmarks/convergence.py --epochs 30 --seeds 1 2 3 --subset 1000
 
 Trains the tiny preset twice per seed with train.py, identical in everything (data, seed,
 schedule, budget) but `--decoder conditional` / `--decoder detr`, evaluating COCO AP on the
-shapes validation set after every epoch. Writes benchmarks/results/convergence.json and
+shapes validation set after every epoch. With the defaults the conditional run is exactly
+`python train.py` (seed 42); `--epochs N` trains N epochs with the lr drop moved to the end. Writes benchmarks/results/convergence.json and
 convergence.png and prints, for a few AP levels, the first epoch at which each decoder
 reaches it and their ratio.
 """
@@ -19,7 +20,16 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+import cdetr  # noqa: E402
+
 DECODERS = ("conditional", "detr")
+
+
+def torch_epochs(checkpoint: Path) -> int:
+    """How many epochs a train.py checkpoint has finished."""
+    import torch
+    return torch.load(checkpoint, map_location="cpu", weights_only=False)["epoch"] + 1
 
 
 def first_epoch_reaching(curve: list[float], level: float) -> int | None:
@@ -66,7 +76,7 @@ def plot(curves: dict[str, list[list[float]]], path: Path):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=20, help="epochs per run")
+    parser.add_argument("--epochs", type=int, help="epochs per run (default: the preset's, with its lr drop)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42], help="one pair of runs per seed")
     parser.add_argument("--subset", type=int, help="train on the first N shapes images only")
     parser.add_argument("--runs-dir", default="runs/convergence", help="train.py output folders go here")
@@ -75,21 +85,23 @@ def main():
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="anything after -- goes to train.py")
     args = parser.parse_args()
     extra = [a for a in args.train_args if a != "--"]
+    schedule = ["--epochs", str(args.epochs), "--set", f"lr_drop={args.epochs - 3}"] if args.epochs else []
+    epochs = args.epochs or cdetr.preset("tiny").epochs
 
     runs, start = {d: {} for d in DECODERS}, time.time()
     for seed in args.seeds:
         for decoder in DECODERS:
             out = Path(args.runs_dir) / f"{decoder}-seed{seed}"
             log = out / "log.jsonl"
-            done = log.exists() and len(log.read_text().splitlines()) >= args.epochs
-            if not (args.reuse and done):
+            finished = log.exists() and (out / "checkpoint.pth").exists() and torch_epochs(out / "checkpoint.pth") == epochs
+            if not (args.reuse and finished):
                 log.unlink(missing_ok=True)
                 command = [sys.executable, str(ROOT / "train.py"), "--decoder", decoder, "--seed", str(seed),
-                           "--epochs", str(args.epochs), "--output-dir", str(out), "--set", f"lr_drop={args.epochs + 1}",
+                           "--output-dir", str(out), *schedule,
                            *(["--subset", str(args.subset)] if args.subset else []), *extra]
                 print(f"[{time.time() - start:6.0f} s] {' '.join(command[1:])}", flush=True)
                 subprocess.run(command, check=True, cwd=ROOT)
-            runs[decoder][seed] = [json.loads(line) for line in log.read_text().splitlines()][:args.epochs]
+            runs[decoder][seed] = [json.loads(line) for line in log.read_text().splitlines()]
 
     curves = {d: [[r.get("AP", 0.0) for r in runs[d][s]] for s in args.seeds] for d in DECODERS}
     best_detr = max(max(c) for c in curves["detr"])
@@ -101,17 +113,17 @@ def main():
     per_epoch = {d: {str(s): [{k: r.get(k) for k in ("epoch", "AP", "AP50", "AP75", "train_loss", "epoch_time")}
                               for r in runs[d][s]] for s in args.seeds} for d in DECODERS}
     (results_dir / "convergence.json").write_text(json.dumps(
-        {"epochs": args.epochs, "seeds": args.seeds, "subset": args.subset, "train_args": extra,
+        {"epochs": epochs, "seeds": args.seeds, "subset": args.subset, "train_args": extra,
          "wall_seconds": round(time.time() - start), "headline": rows, "runs": per_epoch}, indent=1))
     plot(curves, results_dir / "convergence.png")
 
     print(f"\nepochs to reach an AP level (median over {len(args.seeds)} seed(s); '>N': not within N epochs)")
     print(f"{'AP':>6} {'conditional':>12} {'detr':>8} {'ratio':>7}")
     for row in rows:
-        show = lambda d: f">{args.epochs}" if row[d + "_lower_bound"] else str(row[d])  # noqa: E731
+        show = lambda d: f">{epochs}" if row[d + "_lower_bound"] else str(row[d])  # noqa: E731
         ratio = (">" if row["detr_lower_bound"] else "") + f"{row['ratio']:.1f}x"
         print(f"{row['AP']:6.3f} {show('conditional'):>12} {show('detr'):>8} {ratio:>7}")
-    for epoch in sorted({1, args.epochs // 4, args.epochs // 2, args.epochs} - {0}):
+    for epoch in sorted({1, epochs // 4, epochs // 2, epochs} - {0}):
         aps = {d: sum(c[epoch - 1] for c in curves[d]) / len(curves[d]) for d in DECODERS}
         print(f"AP at epoch {epoch}: conditional {aps['conditional']:.3f}, detr {aps['detr']:.3f}")
     print(f"wrote {results_dir / 'convergence.json'} and convergence.png ({time.time() - start:.0f} s)")

@@ -270,3 +270,15 @@ def test_subset_first_or_seeded(tmp_path):
     seeded = data.CocoDetection(images, ann, subset=3, subset_seed=1).ids
     assert seeded == data.CocoDetection(images, ann, subset=3, subset_seed=1).ids and len(seeded) == 3
     assert seeded != [1, 2, 3] or data.CocoDetection(images, ann, subset=3, subset_seed=2).ids != [1, 2, 3]
+
+
+def test_prepare_matches_the_validation_transform():
+    image, objects = data.shapes_example(3, "val", size=80, min_side=10, max_side=30)
+    small = image.resize((40, 30))
+    batch, mask = data.prepare([image, small], image_size=64)
+    boxes = boxes_xyxy([o["box"] for o in objects], (80, 80))
+    expected, _ = data.make_transforms(train=False, image_size=64)(image, {"boxes": boxes, "labels": torch.ones(len(objects))})
+    # 80 x 80 -> 64 x 64; 40 wide x 30 high -> 85 x 64; the batch pads to the widest
+    assert batch.shape == (2, 3, 64, 85)
+    torch.testing.assert_close(batch[0, :, :, :64], expected)
+    assert mask[0, :, 64:].all() and not mask[0, :, :64].any() and not mask[1].any()

@@ -115,3 +115,8 @@ def test_bad_dataset_path_is_a_clear_error(tmp_path):
 def test_unknown_set_field_is_a_clear_error(shapes, tmp_path):
     result = train_run(shapes, tmp_path / "o", "--set", "hidden=3", check=False)
     assert result.returncode != 0 and "Config has no field 'hidden'" in result.stderr
+
+
+def test_missing_resume_checkpoint_is_a_clear_error(shapes, tmp_path):
+    result = train_run(shapes, tmp_path / "o", "--resume", tmp_path / "nope.pth", check=False)
+    assert result.returncode != 0 and f"error: {tmp_path / 'nope.pth'}: checkpoint not found" in result.stderr

@@ -1,8 +1,6 @@
 """Training behaviour of the model and criterion: gradients reach every parameter, a small
 model overfits one batch, and the DETR baseline trains."""
 
-import time
-
 import pytest
 import torch
 from torchvision.ops import box_convert, box_iou
@@ -50,7 +48,6 @@ def test_small_model_overfits_one_batch():
     model, criterion = cdetr.ConditionalDETR(cfg), cdetr.SetCriterion(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
     images, mask, targets = two_synthetic_images()
-    start = time.time()
     for step in range(150):
         losses = criterion(model(images, mask), targets)
         if step == 0:
@@ -67,7 +64,6 @@ def test_small_model_overfits_one_batch():
         expected = box_convert(targets[i]["boxes"][t], "cxcywh", "xyxy")
         assert (box_iou(predicted, expected).diag() > 0.9).all()
         assert (outputs["pred_logits"][i, q].argmax(-1) == targets[i]["labels"][t]).all()
-    assert time.time() - start < 60
 
 
 def test_detr_baseline_trains_one_step():

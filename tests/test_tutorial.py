@@ -36,3 +36,11 @@ def test_solutions_pass_every_check():
 def test_exercises_run_and_report_what_is_missing():
     notebook, _ = execute(TUTORIAL / "exercises" / "exercises.ipynb")
     assert printed(notebook).count(": not implemented yet") == 3
+
+
+@pytest.mark.parametrize("name, min_images", [("01_detect", 1), ("02_anatomy", 3), ("03_conditional_attention", 5),
+                                              ("04_training", 2)])
+def test_walkthrough_runs_and_draws(name, min_images):
+    notebook, seconds = execute(TUTORIAL / f"{name}.ipynb")
+    assert images(notebook) >= min_images
+    assert seconds < 180, f"{name} took {seconds:.0f} s; the tutorial promises about two minutes on a laptop CPU"
