@@ -67,7 +67,7 @@ def plot(curves: dict[str, list[list[float]]], path: Path):
                     label=f"{decoder} decoder" if i == 0 else None)
     ax.set_xlabel("epoch")
     ax.set_ylabel("COCO AP (shapes validation)")
-    ax.set_title("Conditional DETR vs DETR-style cross-attention, same everything else")
+    ax.set_title("conditional vs DETR-style cross-attention")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
