@@ -517,8 +517,8 @@ def cross_attention_maps(model: ConditionalDETR, images: Tensor, mask: Tensor, l
     the image. Returns {"content", "spatial", "combined"}: each (B, nh, Q, h, w), with
     "spatial" = softmax(p_q · p_k), "content" = softmax(c_q · c_k) and "combined" the weights
     the layer really used; plus "outputs", the model's output dict."""
-    out = model(images, mask, return_attention=True)
     features, feature_mask = model.backbone(images, mask.bool())
+    out = model.forward_features(features, feature_mask, return_attention=True)
     h, w = feature_mask.shape[-2:]
     padding = feature_mask.flatten(1)[:, None, None, :]                      # (B, 1, 1, HW)
     maps = {}

@@ -114,7 +114,9 @@ def main():
                               for r in runs[d][s]] for s in args.seeds} for d in DECODERS}
     (results_dir / "convergence.json").write_text(json.dumps(
         {"epochs": epochs, "seeds": args.seeds, "subset": args.subset, "train_args": extra,
-         "wall_seconds": round(time.time() - start), "headline": rows, "runs": per_epoch}, indent=1))
+         "run_seconds": {d: {str(s): round(sum(r.get("epoch_time", 0) + r.get("eval_time", 0) for r in runs[d][s]))
+                             for s in args.seeds} for d in DECODERS},
+         "headline": rows, "runs": per_epoch}, indent=1))
     plot(curves, results_dir / "convergence.png")
 
     print(f"\nepochs to reach an AP level (median over {len(args.seeds)} seed(s); '>N': not within N epochs)")
