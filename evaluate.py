@@ -99,9 +99,11 @@ def load_checkpoint_model(args) -> tuple[cdetr.ConditionalDETR, dict]:
     with ours ({} for an official one)."""
     if args.official_checkpoint:
         state = torch.load(args.official_checkpoint, map_location="cpu", weights_only=False)
-        cfg = cdetr.preset(args.preset)
-        model = cdetr.ConditionalDETR(cfg)
-        model.load_state_dict(cdetr.convert_official_state_dict(state.get("model", state)), strict=True)
+        model = cdetr.ConditionalDETR(cdetr.preset(args.preset))
+        try:
+            model.load_state_dict(cdetr.convert_official_state_dict(state.get("model", state)), strict=True)
+        except RuntimeError as e:
+            sys.exit(f"error: {args.official_checkpoint} does not fit --preset {args.preset}: {str(e)[:300]}...")
         return model, {}
     state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
     if "config" not in state or "model" not in state:

@@ -120,3 +120,32 @@ def test_unknown_set_field_is_a_clear_error(shapes, tmp_path):
 def test_missing_resume_checkpoint_is_a_clear_error(shapes, tmp_path):
     result = train_run(shapes, tmp_path / "o", "--resume", tmp_path / "nope.pth", check=False)
     assert result.returncode != 0 and f"error: {tmp_path / 'nope.pth'}: checkpoint not found" in result.stderr
+
+
+def to_official_names(ours: dict) -> dict:
+    """Our state dict under the official parameter names (what a released checkpoint holds)."""
+    official = {}
+    for name, value in ours.items():
+        name = name.replace("backbone.body.", "backbone.0.body.").replace(".ffn.linear", ".linear")
+        name = name.replace(".sa_out_proj.", ".self_attn.out_proj.").replace(".ca_out_proj.", ".cross_attn.out_proj.")
+        if name.startswith("encoder."):
+            name = name.replace(".out_proj.", ".self_attn.out_proj.")
+        official["transformer." + name if name.startswith(("encoder.", "decoder.")) else name] = value
+    for key in [k for k in official if ".q_proj." in k]:
+        kind = key.rsplit(".", 1)[1]
+        parts = [official.pop(key.replace(".q_proj.", f".{p}_proj.")) for p in "qkv"]
+        official[key.replace(f".q_proj.{kind}", f".self_attn.in_proj_{kind}")] = torch.cat(parts)
+    return official
+
+
+def test_evaluate_official_checkpoint(shapes, tmp_path):
+    import cdetr
+    model = cdetr.ConditionalDETR(cdetr.preset("r50"))
+    torch.save({"model": to_official_names(model.state_dict()), "epoch": 49}, tmp_path / "official.pth")
+    images, annotations = data.coco_paths(shapes, "val")
+    result = run("evaluate.py", "--official-checkpoint", tmp_path / "official.pth", "--preset", "r50",
+                 "--images", images, "--annotations", annotations, "--image-size", "64", "--num-workers", "0")
+    assert "wrote" in result.stdout and (tmp_path / "detections.json").exists()
+    result = run("evaluate.py", "--official-checkpoint", tmp_path / "official.pth", "--preset", "r101",
+                 "--images", images, "--annotations", annotations, check=False)
+    assert result.returncode != 0 and "does not fit --preset r101" in result.stderr
