@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import io
 import json
-import math
 import random
 import time
 import warnings

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from PIL import ImageDraw
 from pycocotools.cocoeval import COCOeval
+from torchvision.ops import box_convert
 
 import cdetr
 import data
@@ -28,29 +29,28 @@ METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "A
 
 
 @torch.no_grad()
-def predict(model: cdetr.ConditionalDETR, loader, device, amp: bool = False, progress=None) -> list[dict]:
+def predict(model: cdetr.ConditionalDETR, loader, device, amp: bool = False) -> list[dict]:
     """Run the model over a loader of (images, mask, targets) batches. Returns COCO-style
     detections: {"image_id", "category_id", "bbox": absolute [x, y, w, h] in the original
     image, "score"}, the top 100 per image."""
     model.eval()
     postprocess = cdetr.PostProcess()
     detections = []
-    for images, mask, targets in (progress or (lambda x: x))(loader):
+    for images, mask, targets in loader:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             outputs = model(images.to(device), mask.to(device))
         sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
         for target, result in zip(targets, postprocess(outputs, sizes)):
-            xywh = result["boxes"].float().clone()
-            xywh[:, 2:] -= xywh[:, :2]
+            xywh = box_convert(result["boxes"].float(), "xyxy", "xywh")
             detections += [{"image_id": target["image_id"], "category_id": label, "bbox": [round(v, 2) for v in box],
                             "score": round(score, 5)}
                            for label, box, score in zip(result["labels"].tolist(), xywh.tolist(), result["scores"].float().tolist())]
     return detections
 
 
-def coco_metrics(coco_gt, detections: list[dict], image_ids: list[int], verbose: bool = True) -> dict[str, float]:
-    """The 12 COCO box metrics of `detections` on `image_ids`. Prints the AP table if
-    verbose. Returns zeros, with a message, when nothing was detected."""
+def coco_metrics(coco_gt, detections: list[dict], image_ids: list[int]) -> dict[str, float]:
+    """The 12 COCO box metrics of `detections` on `image_ids`, printing the AP table.
+    Returns zeros, with a message, when nothing was detected."""
     known = set(coco_gt.getCatIds())
     detections = [dict(d) for d in detections if d["category_id"] in known]   # loadRes edits them in place
     if not detections:
@@ -65,8 +65,7 @@ def coco_metrics(coco_gt, detections: list[dict], image_ids: list[int], verbose:
     table = io.StringIO()
     with contextlib.redirect_stdout(table):
         evaluator.summarize()
-    if verbose:
-        print(table.getvalue(), end="")
+    print(table.getvalue(), end="")
     return {name: float(value) for name, value in zip(METRICS, evaluator.stats)}
 
 

@@ -197,8 +197,7 @@ def main(argv=None):
         else:
             sampler = torch.utils.data.RandomSampler(train_set, generator=order)
         loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                                             num_workers=args.num_workers, collate_fn=data.collate, generator=order,
-                                             persistent_workers=False)
+                                             num_workers=args.num_workers, collate_fn=data.collate, generator=order)
         trained_model.train()
         sums, steps, start = {}, 0, time.time()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not main_process, dynamic_ncols=True)
@@ -207,7 +206,8 @@ def main(argv=None):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
                 outputs = trained_model(images.to(device), mask.to(device))
             losses = criterion(outputs, targets)
-            if not math.isfinite(losses["loss"].item()):
+            loss_value = losses["loss"].item()
+            if not math.isfinite(loss_value):
                 terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
                 sys.exit(f"error: non-finite loss at epoch {epoch + 1}, step {steps + 1}: {terms}\n"
                          f"stopping; the last good checkpoint is {output_dir / 'checkpoint.pth'}")
@@ -219,7 +219,7 @@ def main(argv=None):
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.detach()
             steps += 1
-            bar.set_postfix(loss=f"{losses['loss'].item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}")
+            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}")
         scheduler.step()
         totals = torch.stack(list(sums.values())) / max(steps, 1)
         if distributed:   # average the logged losses over processes
@@ -246,12 +246,13 @@ def main(argv=None):
         if main_process:
             with open(output_dir / "log.jsonl", "a") as log:
                 log.write(json.dumps(record) + "\n")
+            improved = record.get("AP", -1.0) > best_ap
+            best_ap = max(best_ap, record.get("AP", -1.0))
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "lr_scheduler": scheduler.state_dict(), "epoch": epoch, "config": asdict(cfg),
-                     "args": vars(args), "best_ap": max(best_ap, record.get("AP", -1.0)), "rng": rng_states()}
+                     "args": vars(args), "best_ap": best_ap, "rng": rng_states()}
             save_atomically(state, output_dir / "checkpoint.pth")
-            if record.get("AP", -1.0) > best_ap:
-                best_ap = record["AP"]
+            if improved:
                 save_atomically(state, output_dir / "best.pth")
         if distributed:
             dist.barrier()

@@ -6,9 +6,9 @@
 Trains the tiny preset twice per seed with train.py, identical in everything (data, seed,
 schedule, budget) but `--decoder conditional` / `--decoder detr`, evaluating COCO AP on the
 shapes validation set after every epoch. With the defaults the conditional run is exactly
-`python train.py` (seed 42); `--epochs N` trains N epochs with the lr drop moved to the end. Writes benchmarks/results/convergence.json and
-convergence.png and prints, for a few AP levels, the first epoch at which each decoder
-reaches it and their ratio.
+`python train.py` (seed 42); `--epochs N` trains N epochs with the lr drop 3 epochs before
+the end. Writes benchmarks/results/convergence.json and convergence.png and prints, for a few
+AP levels, the first epoch at which each decoder reaches it and their ratio.
 """
 
 import argparse
@@ -81,7 +81,7 @@ def main():
     parser.add_argument("--subset", type=int, help="train on the first N shapes images only")
     parser.add_argument("--runs-dir", default="runs/convergence", help="train.py output folders go here")
     parser.add_argument("--results-dir", default=str(HERE / "results"))
-    parser.add_argument("--reuse", action="store_true", help="skip runs whose log.jsonl is already complete")
+    parser.add_argument("--reuse", action="store_true", help="skip runs whose checkpoint already has all the epochs")
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="anything after -- goes to train.py")
     args = parser.parse_args()
     extra = [a for a in args.train_args if a != "--"]
