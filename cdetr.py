@@ -561,8 +561,9 @@ class HungarianMatcher(nn.Module):
         Returns B pairs (query indices, target indices), int64 tensors of length
         min(Q, M_i); the query indices are sorted."""
         B, Q = outputs["pred_logits"].shape[:2]
-        logits = outputs["pred_logits"].flatten(0, 1)                        # (B*Q, C)
-        boxes = outputs["pred_boxes"].flatten(0, 1)                          # (B*Q, 4)
+        # [ours] float32 whatever the model ran in (bfloat16 under autocast has no cdist)
+        logits = outputs["pred_logits"].flatten(0, 1).float()                # (B*Q, C)
+        boxes = outputs["pred_boxes"].flatten(0, 1).float()                  # (B*Q, 4)
         labels = torch.cat([t["labels"] for t in targets])                   # (M,)
         target_boxes = torch.cat([t["boxes"] for t in targets]).to(boxes)    # (M, 4)
         # [ours] one cost matrix for the whole batch, cut per image below: cheaper than B
@@ -601,7 +602,7 @@ class SetCriterion(nn.Module):
 
     def layer_losses(self, outputs: dict, targets: list[dict], indices, num_boxes: float) -> dict:
         """Unweighted loss_ce, loss_bbox, loss_giou of one layer for a given matching."""
-        logits = outputs["pred_logits"]                                      # (B, Q, C)
+        logits = outputs["pred_logits"].float()                              # (B, Q, C), float32 losses
         batch_idx = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(indices)])
         query_idx = torch.cat([q for q, _ in indices])
         matched_labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
@@ -609,7 +610,7 @@ class SetCriterion(nn.Module):
         onehot[batch_idx, query_idx, matched_labels] = 1
         loss_ce = sigmoid_focal_loss(logits, onehot, alpha=self.focal_alpha, gamma=2, reduction="sum") / num_boxes
 
-        src = outputs["pred_boxes"][batch_idx, query_idx]                    # (N, 4)
+        src = outputs["pred_boxes"][batch_idx, query_idx].float()            # (N, 4)
         tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(src)  # (N, 4)
         loss_bbox = F.l1_loss(src, tgt, reduction="sum") / num_boxes
         giou = generalized_box_iou(box_convert(src, "cxcywh", "xyxy"), box_convert(tgt, "cxcywh", "xyxy"))

@@ -96,3 +96,16 @@ def test_loss_weights_and_aux_switch():
     assert "loss_ce_0" not in no_aux
     assert no_aux["loss"].item() == pytest.approx(2 * losses["loss_ce"].item() + 5 * losses["loss_bbox"].item()
                                                   + 2 * losses["loss_giou"].item(), rel=1e-6)
+
+
+def test_bfloat16_outputs_give_float32_losses():
+    """Under --amp the model's outputs are bfloat16; matching and losses still run in float32."""
+    cfg = cdetr.Config(num_classes=5)
+    outputs = random_outputs()
+    outputs["aux_outputs"] = [random_outputs(seed=3)]
+    targets = random_targets([3, 0, 2])
+    half = {"pred_logits": outputs["pred_logits"].bfloat16(), "pred_boxes": outputs["pred_boxes"].bfloat16(),
+            "aux_outputs": [{k: v.bfloat16() for k, v in outputs["aux_outputs"][0].items()}]}
+    exact, low = cdetr.SetCriterion(cfg)(outputs, targets), cdetr.SetCriterion(cfg)(half, targets)
+    assert low["loss"].dtype == torch.float32
+    assert low["loss"].item() == pytest.approx(exact["loss"].item(), rel=2e-2)
