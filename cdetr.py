@@ -38,6 +38,8 @@ Deliberate differences from the paper and the official code
 import math
 import re
 from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -684,8 +686,12 @@ class PostProcess(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------
-# Loading the official checkpoints.
+# Published weights: our checkpoints, the official model zoo, Hugging Face hub files.
 # ----------------------------------------------------------------------------------------
+
+
+class WeightsError(Exception):
+    """Weights that cannot be used; the message names the file or source and the problem."""
 
 
 def convert_official_state_dict(official: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -709,3 +715,162 @@ def convert_official_state_dict(official: dict[str, Tensor]) -> dict[str, Tensor
         else:
             ours[name] = value
     return ours
+
+
+# [ours] Hugging Face hub file name -> official name, applied in order. Hub files (and
+# save_pretrained's output, transformers 4.x and 5.x alike) use this layout.
+HF_TO_OFFICIAL = [
+    (r"^model\.backbone\.conv_encoder\.model\.", "backbone.0.body."),
+    (r"^model\.input_projection\.", "input_proj."),
+    (r"^model\.query_position_embeddings\.", "query_embed."),
+    (r"^model\.decoder\.layernorm\.", "transformer.decoder.norm."),
+    (r"^model\.(encoder|decoder)\.", r"transformer.\1."),
+    (r"^class_labels_classifier\.", "class_embed."),
+    (r"^bbox_predictor\.", "bbox_embed."),
+    (r"\.fc([12])\.", r".linear\1."),
+    (r"\.encoder_attn\.out_proj\.", ".cross_attn.out_proj."),
+    (r"\.self_attn_layer_norm\.", ".norm1."),
+    (r"\.encoder_attn_layer_norm\.", ".norm2."),
+    (r"(encoder\.layers\.\d+)\.final_layer_norm\.", r"\1.norm2."),
+    (r"(decoder\.layers\.\d+)\.final_layer_norm\.", r"\1.norm3."),
+]
+
+
+def convert_hf_state_dict(hf: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Hugging Face ConditionalDetrForObjectDetection file names -> the official names (then
+    convert_official_state_dict gives ours: one mapping, not two). The encoder's separate
+    q/k/v projections are packed into in_proj_* as the official code keeps them; the
+    num_batches_tracked counters of BatchNorm are dropped (frozen here)."""
+    official = {}
+    for name, value in hf.items():
+        if not name.endswith("num_batches_tracked"):
+            for pattern, replacement in HF_TO_OFFICIAL:
+                name = re.sub(pattern, replacement, name)
+            official[name] = value
+    for name in [n for n in official if ".self_attn.q_proj." in n]:
+        kind = name.rsplit(".", 1)[1]                                        # weight or bias
+        parts = [official.pop(name.replace(".q_proj.", f".{p}_proj.")) for p in "qkv"]
+        official[name.replace(f".q_proj.{kind}", f".in_proj_{kind}")] = torch.cat(parts)
+    return official
+
+
+MODEL_ZOO = {name: "https://github.com/DeppMeng/ConditionalDETR/releases/download/v1.0/"
+                   f"ConditionalDETR_{name.replace('-', '')}_epoch50.pth"
+             for name in ("r50", "r50-dc5", "r101", "r101-dc5")}      # official, COCO, 50 epochs
+HF_HUB_URL = "https://huggingface.co/{repo}/resolve/main/model.safetensors"
+
+
+def read_checkpoint(path) -> dict:
+    """The one way files are read here: a torch file with weights_only=True (tensors, dicts,
+    lists, numbers and strings, plus argparse.Namespace, which the official checkpoints hold;
+    never arbitrary pickled objects), or a safetensors file, told apart by their first bytes."""
+    import argparse
+
+    from safetensors.torch import load_file
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+        if len(head) == 9 and head[8:9] == b"{":            # safetensors: 8-byte header size, then json
+            return load_file(path)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: file not found") from None
+    except Exception as e:   # [ours] a parser fed arbitrary bytes can fail in any way: all mean "bad file"
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found:
+            raise WeightsError(f"{path}: holds a pickled {found[1]}, which is never unpickled here (it could "
+                               f"run code); save plain tensors and dicts instead") from None
+        detail = type(e).__name__ if not str(e) or "Weights only load failed" in str(e) else str(e).splitlines()[0][:100]
+        raise WeightsError(f"{path}: not a torch or safetensors file, or a damaged one ({detail})") from None
+
+
+def download(url: str, file_name: str) -> Path:
+    """Fetch `url` once into torch's hub cache (TORCH_HOME, by default ~/.cache/torch/hub/checkpoints)."""
+    path = Path(torch.hub.get_dir()) / "checkpoints" / file_name
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(url, str(path))   # writes a temporary file, then renames it
+        except (OSError, ValueError) as e:                   # URLError and HTTPError are OSErrors
+            raise WeightsError(f"could not download {url} ({e}); download it by hand and pass the file") from None
+    return path
+
+
+class Pretrained(NamedTuple):
+    state_dict: dict[str, Tensor]     # our parameter names, float32
+    config: Config | None             # the architecture, when the source says it (ours, model-zoo names)
+    category_names: dict[int, str]    # category id -> name; {} when the source does not say
+    train_args: dict                  # train.py's arguments for our checkpoints, else {}
+    format: str                       # what was found: "train.py checkpoint", "official checkpoint", ...
+
+
+def load_pretrained(source: str) -> Pretrained:
+    """Weights from anywhere, in our names. `source` is a file (a checkpoint of train.py,
+    float16 exports included; an official checkpoint; a Hugging Face pytorch_model.bin or
+    model.safetensors), a model-zoo name (r50, r50-dc5, r101, r101-dc5: the official COCO
+    models, downloaded once), or a Hugging Face repo id (microsoft/conditional-detr-resnet-50).
+    The format is told by the keys inside, never by the file name. Raises WeightsError."""
+    config, names = None, {}
+    if Path(source).is_file():
+        path = Path(source)
+    elif source in MODEL_ZOO:
+        path, config = download(MODEL_ZOO[source], MODEL_ZOO[source].rsplit("/", 1)[1]), preset(source)
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+        url = HF_HUB_URL.format(repo=source)
+        try:
+            path = download(url, f"hf-{source.replace('/', '--')}.safetensors")
+        except WeightsError as e:
+            raise WeightsError(f"{source}: no such file, and as a Hugging Face repo id: {e}") from None
+    else:
+        raise WeightsError(f"{source}: no such file, and not a model-zoo name ({', '.join(MODEL_ZOO)}) "
+                           f"or a Hugging Face repo id (owner/name)")
+    checkpoint = read_checkpoint(path)
+    weights = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
+    keys = list(weights) if isinstance(weights, dict) else []
+    if not keys or not all(isinstance(v, Tensor) for v in weights.values()):
+        found = f"a dict with keys {list(checkpoint)[:6]}" if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise WeightsError(f"{path}: no model weights in it (found {found})")
+    if any(k.startswith("transformer.") for k in keys):
+        weights, kind = convert_official_state_dict(weights), "official checkpoint"
+    elif any(k.startswith(("model.decoder.", "class_labels_classifier.")) for k in keys):
+        weights, kind = convert_official_state_dict(convert_hf_state_dict(weights)), "Hugging Face file"
+    elif any(k.startswith("decoder.layers.") for k in keys):
+        kind = "train.py checkpoint" if "config" in checkpoint else "state dict in our names"
+    else:
+        raise WeightsError(f"{path}: not Conditional DETR weights (keys like {keys[:3]})")
+    if "config" in checkpoint:
+        try:
+            config = Config(**checkpoint["config"])
+        except (TypeError, ValueError) as e:
+            raise WeightsError(f"{path}: its config does not fit this version of cdetr.py ({e})") from None
+        names = {int(k): v for k, v in checkpoint.get("category_names", {}).items()}
+    weights = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
+    return Pretrained(weights, config, names, checkpoint.get("args", {}) if "config" in checkpoint else {}, kind)
+
+
+def load_weights(model: nn.Module, state_dict: dict[str, Tensor], new_class_head: bool = False) -> list[str]:
+    """Copy `state_dict` (our names) into `model`: every parameter and buffer, nothing left
+    over. A name or shape that does not fit raises WeightsError naming the first one, in the
+    model's order. With new_class_head, a class head of another size (another class count)
+    is left as the model initialised it; returns those names."""
+    own = model.state_dict()
+    head = ["class_embed.weight", "class_embed.bias"]
+    kept = []
+    if new_class_head and all(k in state_dict for k in head) and state_dict[head[1]].shape != own[head[1]].shape:
+        kept, state_dict = head, {k: v for k, v in state_dict.items() if k not in head}
+    for name, value in own.items():
+        if name in kept:
+            continue
+        if name not in state_dict:
+            raise WeightsError(f"the model's {name} {tuple(value.shape)} is not in the weights")
+        if state_dict[name].shape != value.shape:
+            raise WeightsError(f"{name} is {tuple(state_dict[name].shape)} in the weights but "
+                               f"{tuple(value.shape)} in the model")
+    extra = [name for name in state_dict if name not in own]
+    if extra:
+        raise WeightsError(f"the weights hold {extra[0]} {tuple(state_dict[extra[0]].shape)}, which the model "
+                           f"does not have ({len(extra)} such)")
+    model.load_state_dict(state_dict, strict=not kept)
+    return kept

@@ -85,6 +85,33 @@ def make_transforms(train: bool, image_size: int = 800) -> v2.Compose:
 # ----------------------------------------------------------------------------------------
 
 
+# COCO's 80 categories at their ids (1..90 with gaps): what the 91 logits of the official and
+# Hugging Face COCO models mean.
+COCO_NAMES = dict(zip(
+    [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31, 32, 33, 34,
+     35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63,
+     64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90],
+    ["person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+     "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+     "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+     "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+     "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+     "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+     "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard",
+     "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
+     "teddy bear", "hair drier", "toothbrush"], strict=True))
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """An image file as RGB (grayscale, palette and RGBA are converted); DatasetError naming
+    the file when it cannot be read."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DatasetError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+
+
 def coco_paths(root: str | Path, split: str) -> tuple[Path, Path]:
     """The COCO layout: root/{split}2017/ and root/annotations/instances_{split}2017.json."""
     root = Path(root)
@@ -157,11 +184,7 @@ class CocoDetection(torch.utils.data.Dataset):
         """The image as RGB (grayscale, palette and RGBA are converted), size-checked."""
         info = self.coco.imgs[image_id]
         path = self.images_dir / info["file_name"]
-        try:
-            with Image.open(path) as image:
-                image = image.convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise DatasetError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+        image = read_image(path)
         if image.size != (info["width"], info["height"]):
             raise DatasetError(f"{path}: image is {image.size[0]}x{image.size[1]} but {self.annotation_file.name} "
                                f"says {info['width']}x{info['height']}")
@@ -229,14 +252,20 @@ def prepare(images: list[Image.Image], image_size: int = 800) -> tuple[torch.Ten
 # ----------------------------------------------------------------------------------------
 
 SHAPES = ("rectangle", "ellipse", "triangle")     # category ids 1, 2, 3
+# The second synthetic task (classes="colours", for fine-tuning): the same kind of scenes, but
+# the category is the fill colour, with ids that are not 1..N.
+COLOURS = {10: ("red", (220, 40, 40)), 20: ("green", (40, 170, 60)), 30: ("blue", (40, 70, 220)),
+           40: ("yellow", (235, 215, 40))}
 
 
 def draw_shapes_image(rng: np.random.Generator, size: int, min_side: int, max_side: int,
-                      max_objects: int = 4, max_overlap: float = 0.2):
+                      max_objects: int = 4, max_overlap: float = 0.2, classes: str = "shapes"):
     """One image: a smooth random colour field, streaks and pixel noise, with 1..max_objects
-    filled shapes of random colour, later shapes drawn over earlier ones. Returns the PIL image
-    and one dict per shape: "category" (id), "box" (x0, y0, x1, y1) in pixels with x1, y1
-    exclusive, tight around the shape's "mask" (size, size) bool, its pixels before occlusion."""
+    filled shapes, later shapes drawn over earlier ones. classes="shapes": the category is the
+    shape (ids 1..3), the colour random; classes="colours": the shape is random, the category
+    is the fill colour (ids of COLOURS, each colour jittered by up to 20 per channel). Returns
+    the PIL image and one dict per shape: "category" (id), "box" (x0, y0, x1, y1) in pixels with
+    x1, y1 exclusive, tight around the shape's "mask" (size, size) bool, its pixels before occlusion."""
     coarse = rng.uniform(40, 215, size=(4, 4, 3)).astype(np.uint8)
     background = Image.fromarray(coarse).resize((size, size), Image.BICUBIC)
     draw = ImageDraw.Draw(background)
@@ -254,20 +283,24 @@ def draw_shapes_image(rng: np.random.Generator, size: int, min_side: int, max_si
                 break
         else:
             continue
-        category = int(rng.integers(1, len(SHAPES) + 1))
+        shape = int(rng.integers(1, len(SHAPES) + 1))
         shape_mask = Image.new("L", (size, size))
         pen = ImageDraw.Draw(shape_mask)
         x1, y1 = x0 + w - 1, y0 + h - 1
-        if SHAPES[category - 1] == "rectangle":
+        if SHAPES[shape - 1] == "rectangle":
             pen.rectangle([x0, y0, x1, y1], fill=255)
-        elif SHAPES[category - 1] == "ellipse":
+        elif SHAPES[shape - 1] == "ellipse":
             pen.ellipse([x0, y0, x1, y1], fill=255)
         else:
             apex = int(rng.integers(x0, x1 + 1))
             pen.polygon([(x0, y1), (x1, y1), (apex, y0)], fill=255)
         mask = np.asarray(shape_mask) > 127
-        colour = rng.uniform(0, 255, 3).astype(np.float32)
-        image[mask] = colour
+        if classes == "colours":
+            category = int(rng.choice(list(COLOURS)))
+            colour = np.array(COLOURS[category][1], dtype=np.float32) + rng.uniform(-20, 20, 3).astype(np.float32)
+        else:
+            category, colour = shape, rng.uniform(0, 255, 3).astype(np.float32)
+        image[mask] = colour.clip(0, 255)
         ys, xs = np.nonzero(mask)
         tight = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
         objects.append({"category": category, "box": tight, "mask": mask})
@@ -284,28 +317,33 @@ def _overlap(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def shapes_example(index: int, split: str = "val", seed: int = 0, size: int = 128, min_side: int = 16,
-                   max_side: int = 56):
+                   max_side: int = 56, classes: str = "shapes"):
     """Image `index` (1-based) of a split of the shapes dataset with these settings, drawn
     directly: the same pixels and objects that make_shapes_dataset writes."""
     rng = np.random.default_rng([seed, {"train": 0, "val": 1}[split], index])
-    return draw_shapes_image(rng, size, min_side, max_side)
+    return draw_shapes_image(rng, size, min_side, max_side, classes=classes)
 
 
 def make_shapes_dataset(out: str | Path, num_train: int = 2000, num_val: int = 300, size: int = 128,
-                        min_side: int = 16, max_side: int = 56, seed: int = 0) -> Path:
+                        min_side: int = 16, max_side: int = 56, seed: int = 0, classes: str = "shapes") -> Path:
     """Write the shapes dataset in COCO layout under `out` (train2017/, val2017/,
-    annotations/instances_{train,val}2017.json). Deterministic for a given seed."""
+    annotations/instances_{train,val}2017.json). Deterministic for a given seed.
+    classes: "shapes" (the category is the shape) or "colours" (it is the fill colour)."""
     out = Path(out)
     if not 0 < min_side <= max_side <= size:
         raise ValueError(f"need 0 < min_side <= max_side <= size, got {min_side}, {max_side}, {size}")
+    if classes not in ("shapes", "colours"):
+        raise ValueError(f"classes must be 'shapes' or 'colours', not {classes!r}")
+    categories = ([{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(SHAPES)]
+                  if classes == "shapes" else
+                  [{"id": i, "name": name, "supercategory": "colour"} for i, (name, _) in COLOURS.items()])
     for split, count in (("train", num_train), ("val", num_val)):
         images_dir, annotation_file = coco_paths(out, split)
         images_dir.mkdir(parents=True, exist_ok=True)
         annotation_file.parent.mkdir(parents=True, exist_ok=True)
-        coco = {"images": [], "annotations": [],
-                "categories": [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(SHAPES)]}
+        coco = {"images": [], "annotations": [], "categories": categories}
         for image_id in range(1, count + 1):
-            image, objects = shapes_example(image_id, split, seed, size, min_side, max_side)
+            image, objects = shapes_example(image_id, split, seed, size, min_side, max_side, classes)
             file_name = f"{image_id:06d}.png"
             image.save(images_dir / file_name)
             coco["images"].append({"id": image_id, "file_name": file_name, "width": size, "height": size})
@@ -339,9 +377,12 @@ def main():
     shapes.add_argument("--min-side", type=int, default=16, help="smallest shape side in pixels")
     shapes.add_argument("--max-side", type=int, default=56, help="largest shape side in pixels")
     shapes.add_argument("--seed", type=int, default=0, help="random seed (same seed, same dataset)")
+    shapes.add_argument("--classes", choices=["shapes", "colours"], default="shapes",
+                        help="what the category is: the shape (ids 1-3) or the fill colour (ids 10, 20, 30, 40)")
     args = parser.parse_args()
     start = time.time()
-    make_shapes_dataset(args.out, args.train, args.val, args.size, args.min_side, args.max_side, args.seed)
+    make_shapes_dataset(args.out, args.train, args.val, args.size, args.min_side, args.max_side, args.seed,
+                        args.classes)
     print(f"wrote {args.train} training and {args.val} validation images to {args.out} in {time.time() - start:.1f} s")
 
 
