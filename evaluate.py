@@ -1,11 +1,16 @@
-"""COCO evaluation of a Conditional DETR checkpoint.
+"""COCO evaluation of Conditional DETR weights, and detection on your own images.
 
-    python evaluate.py --checkpoint runs/tiny/best.pth                 # the data it was trained on
-    python evaluate.py --checkpoint best.pth --coco-path /data/coco    # COCO val2017
-    python evaluate.py --official-checkpoint ConditionalDETR_r50_epoch50.pth --coco-path /data/coco
+    python evaluate.py --weights runs/train/best.pth                  # the data it was trained on
+    python evaluate.py --weights r50 --coco-path /data/coco            # the official COCO model (downloaded once)
+    python evaluate.py --weights microsoft/conditional-detr-resnet-50 --coco-path /data/coco   # Hugging Face's
+    python evaluate.py --weights r50 --detect photo.jpg my_photos/     # boxes on any image, no annotations
 
-Prints the 12 COCO numbers (pycocotools) and writes the detections as a COCO results json;
---visualize N also draws the detections on N images.
+--weights takes anything cdetr.load_pretrained takes: a checkpoint of train.py, an official or
+Hugging Face file, a model-zoo name (r50, r50-dc5, r101, r101-dc5) or a Hugging Face repo id;
+weights without a config of their own are built as --preset (default r50). Evaluation prints
+the 12 COCO numbers (pycocotools) and writes the detections as a COCO results json;
+--visualize N draws ground truth and detections side by side for N images. --detect writes
+one picture per image and detections.json.
 """
 
 import argparse
@@ -17,7 +22,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from PIL import ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from pycocotools.cocoeval import COCOeval
 from torchvision.ops import box_convert
 
@@ -26,13 +31,15 @@ import data
 
 # The 12 numbers COCOeval.summarize() prints, in its order.
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
 @torch.no_grad()
 def predict(model: cdetr.ConditionalDETR, loader, device, amp: bool = False) -> list[dict]:
-    """Run the model over a loader of (images, mask, targets) batches. Returns COCO-style
-    detections: {"image_id", "category_id", "bbox": absolute [x, y, w, h] in the original
-    image, "score"}, the top 100 per image."""
+    """Run the model over a loader of (images, mask, targets) batches; targets need "image_id"
+    and "orig_size" (height, width). Returns COCO-style detections: {"image_id",
+    "category_id", "bbox": absolute [x, y, w, h] in the original image, "score"}, the top 100
+    per image."""
     model.eval()
     postprocess = cdetr.PostProcess()
     detections = []
@@ -69,10 +76,55 @@ def coco_metrics(coco_gt, detections: list[dict], image_ids: list[int]) -> dict[
     return {name: float(value) for name, value in zip(METRICS, evaluator.stats)}
 
 
-def draw_detections(dataset: data.CocoDetection, detections: list[dict], out_dir: Path, count: int,
-                    threshold: float) -> list[Path]:
-    """Save `count` images with detections scoring at least `threshold` drawn as boxes labelled
-    with class name and score. Returns the PNG paths."""
+def draw_boxes(image: Image.Image, boxes: list, texts: list[str], colour: tuple, title: str = "") -> Image.Image:
+    """A copy of `image` with absolute (x0, y0, x1, y1) boxes, each labelled with its text.
+    Images under 512 pixels are enlarged by a whole factor first, so that a 128-pixel image
+    still gets legible labels; labels sit above their box, or inside it at the top edge of the
+    picture, and never leave the picture. `title` goes in the top-left corner."""
+    scale = max(1, 512 // max(image.size))
+    image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    pen = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=max(12, round(max(image.size) / 40)))
+    line = max(2, round(max(image.size) / 250))
+
+    def label(x: float, y_above: float, y_inside: float, text: str, fill: tuple):
+        left, top, right, bottom = pen.textbbox((0, 0), text, font=font)
+        w, h = right - left + 4, bottom - top + 4
+        x = min(max(x, 0), image.width - w)
+        y = y_above - h if y_above - h >= 0 else min(max(y_inside, 0), image.height - h)
+        pen.rectangle([x, y, x + w, y + h], fill=fill)
+        pen.text((x + 2 - left, y + 2 - top), text, fill=(0, 0, 0) if sum(fill) > 380 else (255, 255, 255), font=font)
+
+    for (x0, y0, x1, y1), text in zip(boxes, texts):
+        x0, y0, x1, y1 = (v * scale for v in (x0, y0, x1, y1))
+        pen.rectangle([x0, y0, x1, y1], outline=colour, width=line)
+        label(x0, y0, y0, text, colour)
+    if title:
+        label(0, 0, 0, title, (255, 255, 255))
+    return image
+
+
+def side_by_side(left: Image.Image, right: Image.Image, gap: int = 8) -> Image.Image:
+    canvas = Image.new("RGB", (left.width + gap + right.width, max(left.height, right.height)), (255, 255, 255))
+    canvas.paste(left, (0, 0))
+    canvas.paste(right, (left.width + gap, 0))
+    return canvas
+
+
+def detection_picture(image: Image.Image, detections: list[dict], names: dict[int, str], threshold: float,
+                      title: str = "") -> Image.Image:
+    """`image` with the detections (COCO-style, "bbox" absolute [x, y, w, h]) scoring at least
+    `threshold`, labelled "<class name> <score>"."""
+    kept = [d for d in detections if d["score"] >= threshold]
+    boxes = [(x, y, x + w, y + h) for x, y, w, h in (d["bbox"] for d in kept)]
+    texts = [f"{names.get(d['category_id'], d['category_id'])} {d['score']:.2f}" for d in kept]
+    return draw_boxes(image, boxes, texts, (255, 60, 60), title)
+
+
+def draw_with_ground_truth(dataset: data.CocoDetection, detections: list[dict], out_dir: Path, count: int,
+                           threshold: float) -> list[Path]:
+    """For the first `count` images of `dataset`: the ground truth (left) beside the detections
+    scoring at least `threshold` (right), saved as PNGs in `out_dir`. Returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     by_image: dict[int, list[dict]] = {}
     for d in detections:
@@ -80,54 +132,107 @@ def draw_detections(dataset: data.CocoDetection, detections: list[dict], out_dir
     paths = []
     for image_id in dataset.ids[:count]:
         image = dataset.load_image(image_id)
-        pen = ImageDraw.Draw(image)
-        for d in by_image.get(image_id, []):
-            if d["score"] < threshold:
-                continue
-            x, y, w, h = d["bbox"]
-            pen.rectangle([x, y, x + w, y + h], outline=(255, 0, 0), width=max(1, round(max(image.size) / 300)))
-            name = dataset.category_names.get(d["category_id"], str(d["category_id"]))
-            pen.text((x + 2, y + 1), f"{name} {d['score']:.2f}", fill=(255, 255, 0))
+        boxes, labels = dataset.targets[image_id]
+        truth = draw_boxes(image, boxes.tolist(), [dataset.category_names[int(c)] for c in labels],
+                           (60, 220, 60), "ground truth")
+        found = detection_picture(image, by_image.get(image_id, []), dataset.category_names, threshold,
+                                  f"detections >= {threshold}")
         paths.append(out_dir / f"{image_id}.png")
-        image.save(paths[-1])
+        side_by_side(truth, found).save(paths[-1])
     return paths
 
 
-def load_checkpoint_model(args) -> tuple[cdetr.ConditionalDETR, dict]:
-    """The model of --checkpoint (ours) or --official-checkpoint, and the training args stored
-    with ours ({} for an official one)."""
-    if args.official_checkpoint:
-        state = torch.load(args.official_checkpoint, map_location="cpu", weights_only=False)
-        model = cdetr.ConditionalDETR(cdetr.preset(args.preset))
-        try:
-            model.load_state_dict(cdetr.convert_official_state_dict(state.get("model", state)), strict=True)
-        except RuntimeError as e:
-            sys.exit(f"error: {args.official_checkpoint} does not fit --preset {args.preset}: {str(e)[:300]}...")
-        return model, {}
-    state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-    if "config" not in state or "model" not in state:
-        sys.exit(f"{args.checkpoint}: not a checkpoint written by train.py (no 'config' and 'model'); "
-                 f"use --official-checkpoint for the official ones")
-    model = cdetr.ConditionalDETR(cdetr.Config(**state["config"]))
-    model.load_state_dict(state["model"])
-    return model, state.get("args", {})
+def image_files(sources: list[str]) -> list[Path]:
+    """The image files named in `sources`, folders expanded to the images they hold (sorted)."""
+    files = []
+    for source in map(Path, sources):
+        if source.is_dir():
+            files += sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif source.is_file():
+            files.append(source)
+        else:
+            raise data.DatasetError(f"{source}: no such file or folder")
+    if not files:
+        raise data.DatasetError(f"{', '.join(sources)}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+    return files
+
+
+@torch.no_grad()
+def detect(model: cdetr.ConditionalDETR, files: list[Path], names: dict[int, str], out_dir: Path, threshold: float,
+           image_size: int, device, amp: bool = False) -> list[dict]:
+    """Run the model on image files one at a time (no padding between different sizes),
+    resized as for validation to `image_size`; save one picture per image in `out_dir`, and
+    return the detections scoring at least `threshold`: {"image", "category_id", "category",
+    "score", "bbox": absolute [x, y, w, h] in the original image}."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    detections, used_names = [], set()
+    for path in files:
+        image = data.read_image(path)
+        images, mask = data.prepare([image], image_size)
+        target = {"image_id": str(path), "orig_size": torch.tensor([image.height, image.width])}
+        found = [d for d in predict(model, [(images, mask, [target])], device, amp) if d["score"] >= threshold]
+        stem = path.stem
+        while stem in used_names:        # two folders may hold images of the same name
+            stem += "_"
+        used_names.add(stem)
+        detection_picture(image, found, names, threshold, f"{path.name}: {len(found)} detections >= {threshold}").save(
+            out_dir / f"{stem}.png")
+        found = [{"image": d["image_id"], "category_id": d["category_id"],
+                  "category": names.get(d["category_id"], str(d["category_id"])), "score": d["score"], "bbox": d["bbox"]}
+                 for d in found]
+        print(f"{path}: {len(found)} detections" + "".join(f", {d['category']} {d['score']:.2f}" for d in found))
+        detections += found
+    return detections
+
+
+def load_model(source: str, preset: str | None) -> tuple[cdetr.ConditionalDETR, cdetr.Pretrained, dict[int, str]]:
+    """The model of `source` (anything cdetr.load_pretrained takes) in eval mode, built from
+    its own config, or from `preset` (default r50) when it has none, with the class and query
+    counts the weights have. Also the Pretrained record and the class names: the dataset's
+    for our checkpoints, COCO's for 91-class weights without names. Raises WeightsError."""
+    pretrained = cdetr.load_pretrained(source)
+    cfg = pretrained.config or cdetr.preset(
+        preset or "r50", num_classes=pretrained.state_dict["class_embed.bias"].shape[0],
+        num_queries=pretrained.state_dict["query_embed.weight"].shape[0])
+    model = cdetr.ConditionalDETR(cfg)
+    try:
+        cdetr.load_weights(model, pretrained.state_dict)
+    except cdetr.WeightsError as e:
+        built = "its config" if pretrained.config else f"--preset {preset or 'r50'}"
+        raise cdetr.WeightsError(f"{source}: {e} (the model was built from {built})") from None
+    names = pretrained.category_names or (data.COCO_NAMES if cfg.num_classes == 91 else {})
+    return model.eval(), pretrained, names
+
+
+def unused_dir(path: str | Path) -> Path:
+    """`path` if it does not exist yet, else the first free `path-2`, `path-3`, ..."""
+    path, n = Path(path), 2
+    candidate = path
+    while candidate.exists():
+        candidate, n = path.with_name(f"{path.name}-{n}"), n + 1
+    return candidate
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--checkpoint", help="a checkpoint written by train.py (checkpoint.pth or best.pth)")
-    which.add_argument("--official-checkpoint", help="a checkpoint published by the official repository")
-    parser.add_argument("--preset", default="r50", choices=sorted(cdetr.PRESETS),
-                        help="architecture of --official-checkpoint (default r50)")
+    parser.add_argument("--weights", "--checkpoint", "--official-checkpoint", required=True, metavar="SOURCE",
+                        help="a checkpoint of train.py, an official or Hugging Face file, a model-zoo name (r50, "
+                             "r50-dc5, r101, r101-dc5) or a Hugging Face repo id (--checkpoint and "
+                             "--official-checkpoint are older names of this flag)")
+    parser.add_argument("--preset", choices=sorted(cdetr.PRESETS),
+                        help="architecture of weights without a config of their own (official, Hugging Face); default r50")
+    parser.add_argument("--detect", nargs="+", metavar="IMAGE_OR_FOLDER",
+                        help="detect objects on these images (folders: every image inside); no annotations needed")
     parser.add_argument("--coco-path", help="COCO-layout folder; val2017 is evaluated")
     parser.add_argument("--images", help="image folder of a COCO-format dataset (with --annotations)")
     parser.add_argument("--annotations", help="COCO-format annotation json (with --images)")
-    parser.add_argument("--image-size", type=int, help="shorter side at test time (default: the checkpoint's, or 800)")
+    parser.add_argument("--image-size", type=int, help="shorter side at test time (default: the model's, 800 for COCO)")
     parser.add_argument("--subset", type=int, help="evaluate the first N images only")
-    parser.add_argument("--output", help="results json (default: detections.json beside the checkpoint)")
-    parser.add_argument("--visualize", type=int, default=0, metavar="N", help="draw detections on N images")
-    parser.add_argument("--threshold", type=float, default=0.3, help="score threshold for --visualize")
+    parser.add_argument("--output", help="folder for detections.json and pictures "
+                                         "(default: runs/detect or runs/evaluate, numbered if it exists)")
+    parser.add_argument("--visualize", type=int, default=0, metavar="N",
+                        help="draw ground truth and detections side by side for N images")
+    parser.add_argument("--threshold", type=float, default=0.3, help="score threshold for the pictures and --detect")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -136,18 +241,38 @@ def main():
     if bool(args.images) != bool(args.annotations):
         parser.error("--images and --annotations go together")
 
-    model, train_args = load_checkpoint_model(args)
+    try:
+        model, pretrained, names = load_model(args.weights, args.preset)
+    except cdetr.WeightsError as e:
+        sys.exit(f"error: --weights {e}")
+    image_size = args.image_size or model.cfg.image_size
+    device = torch.device(args.device)
+    model.to(device)
+    print(f"{args.weights}: {pretrained.format}, {model.cfg.backbone}{' DC5' if model.cfg.dilation else ''}, "
+          f"{model.cfg.num_classes} class logits, image size {image_size}")
+
+    if args.detect:
+        out_dir = Path(args.output) if args.output else unused_dir("runs/detect")
+        try:
+            detections = detect(model, image_files(args.detect), names, out_dir, args.threshold, image_size, device,
+                                args.amp)
+        except data.DatasetError as e:
+            sys.exit(f"error: {e}")
+        (out_dir / "detections.json").write_text(json.dumps(detections, indent=1))
+        print(f"wrote {len(detections)} detections to {out_dir / 'detections.json'} and the pictures to {out_dir}")
+        return detections
+
     if args.coco_path:
         images_dir, annotation_file = data.coco_paths(args.coco_path, "val")
     elif args.images:
         images_dir, annotation_file = args.images, args.annotations
-    elif train_args.get("val_images"):
-        images_dir, annotation_file = train_args["val_images"], train_args["val_annotations"]
+    elif pretrained.train_args.get("val_images"):
+        images_dir, annotation_file = pretrained.train_args["val_images"], pretrained.train_args["val_annotations"]
     else:
-        parser.error("say which data to evaluate on: --coco-path or --images/--annotations")
-    image_size = args.image_size or train_args.get("image_size") or 800
+        parser.error("say which data to evaluate on: --coco-path, --images/--annotations, or --detect")
     try:
-        dataset = data.build_dataset(images_dir, annotation_file, train=False, image_size=image_size, subset=args.subset)
+        dataset = data.build_dataset(images_dir, annotation_file, train=False, image_size=image_size,
+                                     subset=args.subset)
     except data.DatasetError as e:
         sys.exit(f"error: {e}")
     if dataset.num_classes > model.cfg.num_classes:
@@ -155,16 +280,16 @@ def main():
                       f"predicts only {model.cfg.num_classes} classes")
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
                                          collate_fn=data.collate)
-    device = torch.device(args.device)
-    detections = predict(model.to(device), loader, device, args.amp)
+    detections = predict(model, loader, device, args.amp)
     metrics = coco_metrics(dataset.coco, detections, dataset.ids)
 
-    output = Path(args.output or Path(args.checkpoint or args.official_checkpoint).with_name("detections.json"))
-    output.write_text(json.dumps(detections))
-    print(f"wrote {len(detections)} detections to {output}")
+    out_dir = Path(args.output) if args.output else unused_dir("runs/evaluate")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "detections.json").write_text(json.dumps(detections))
+    print(f"wrote {len(detections)} detections to {out_dir / 'detections.json'}")
     if args.visualize:
-        paths = draw_detections(dataset, detections, output.with_name("visualize"), args.visualize, args.threshold)
-        print(f"drew detections on {len(paths)} images in {output.with_name('visualize')}")
+        paths = draw_with_ground_truth(dataset, detections, out_dir / "visualize", args.visualize, args.threshold)
+        print(f"drew ground truth and detections on {len(paths)} images in {out_dir / 'visualize'}")
     return metrics
 
 

@@ -3,11 +3,14 @@
     python train.py                                   # built-in shapes data, tiny preset, CPU
     python train.py --coco-path /data/coco --preset r50 --pretrained-backbone
     torchrun --nproc_per_node=8 train.py --coco-path /data/coco --preset r50 --pretrained-backbone
+    python train.py --coco-path /data/mine --init-from r50 --epochs 12 --lr 2e-5   # fine-tune COCO weights
 
 Each epoch trains, evaluates COCO AP on the validation set, appends a line to
 <output-dir>/log.jsonl and writes <output-dir>/checkpoint.pth (and best.pth when AP improves).
-Checkpoints hold the model, optimizer, scheduler, epoch, config and RNG states, are written
-atomically, and `--resume` continues a run exactly.
+Checkpoints hold the model, optimizer, scheduler, epoch, config, category names and RNG states
+(plain tensors, numbers and strings), are written atomically, and `--resume` continues a run
+exactly. `--init-from` takes weights only (ours, official, Hugging Face, a model-zoo name) and
+starts a new run; a class head of another size is re-created.
 """
 
 import argparse
@@ -61,13 +64,20 @@ def parse_args(argv=None):
                    help="data-loading processes (default: 0 on a CPU, where they would compete with the model for cores; 4 on CUDA)")
     r.add_argument("--seed", type=int, default=42)
     r.add_argument("--output-dir", default="runs/train", help="log.jsonl and checkpoints go here")
-    r.add_argument("--resume", help="checkpoint to continue from (its config wins over the flags above)")
+    start = r.add_mutually_exclusive_group()
+    start.add_argument("--resume", help="checkpoint of train.py to continue from (its config wins over the flags above)")
+    start.add_argument("--init-from", metavar="SOURCE",
+                       help="start from these weights, fresh optimizer and schedule: a checkpoint of train.py, an official "
+                            "or Hugging Face file, a model-zoo name (r50, r50-dc5, r101, r101-dc5) or a Hugging Face repo "
+                            "id. The architecture is the checkpoint's own config if it has one, else --preset; a class "
+                            "head of another size is re-created. Fine-tuning: a lower --lr, and --set train_backbone=none "
+                            "to freeze the backbone")
     r.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
     return p.parse_args(argv)
 
 
-def make_config(args) -> cdetr.Config:
-    """The preset, then the explicit flags, then --set."""
+def make_config(args, base: cdetr.Config) -> cdetr.Config:
+    """`base` (a preset or the config of --init-from), then the explicit flags, then --set."""
     overrides = {k: v for k, v in dict(decoder=args.decoder, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                        lr_backbone=args.lr_backbone, image_size=args.image_size).items() if v is not None}
     if args.pretrained_backbone:
@@ -79,7 +89,7 @@ def make_config(args) -> cdetr.Config:
             sys.exit(f"--set {item}: Config has no field {key!r}")
         cast = (lambda v: v.lower() in ("1", "true", "yes")) if types[key] is bool else types[key]
         overrides[key] = cast(value)
-    return cdetr.preset(args.preset, **overrides)
+    return replace(base, **overrides)
 
 
 def save_atomically(state: dict, path: Path):
@@ -90,16 +100,34 @@ def save_atomically(state: dict, path: Path):
 
 
 def rng_states() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    """Every generator's state in plain types (tensors, tuples, lists, numbers), so that the
+    checkpoint loads with weights_only=True."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [name, keys.tolist(), position, has_gauss, cached],
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_states(states: dict):
     random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    name, keys, position, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
     torch.set_rng_state(states["torch"])
     if torch.cuda.is_available() and states["cuda"]:
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# Flags that only choose the config: on --resume the checkpoint's config wins over them.
+CONFIG_FLAGS = ("preset", "decoder", "batch_size", "lr", "lr_backbone", "image_size", "set", "pretrained_backbone")
+
+
+def warn_about_changed_flags(args, stored: dict):
+    """On --resume: say which flags differ from the run being resumed, and what happens to them."""
+    for key, value in vars(args).items():
+        not_given = key in CONFIG_FLAGS and value in (None, [], False)
+        if key not in ("resume", "epochs") and key in stored and value != stored[key] and not not_given:
+            effect = "ignored: the checkpoint's config is used" if key in CONFIG_FLAGS else "used from now on"
+            print(f"warning: --{key.replace('_', '-')} is {value!r} but was {stored[key]!r} in the run being "
+                  f"resumed ({effect})")
 
 
 def main(argv=None):
@@ -118,27 +146,43 @@ def main(argv=None):
         args.num_workers = 0 if device.type == "cpu" else 4
 
     # --- data
+    default_preset = "r50"
     if args.coco_path:
         (args.train_images, args.train_annotations), (args.val_images, args.val_annotations) = (
-            data.coco_paths(args.coco_path, "train"), data.coco_paths(args.coco_path, "val"))
+            map(str, data.coco_paths(args.coco_path, "train")), map(str, data.coco_paths(args.coco_path, "val")))
     elif not args.train_images:
         if main_process:
             data.ensure_shapes_dataset(args.shapes_dir)
         if distributed:
             dist.barrier()
         (args.train_images, args.train_annotations), (args.val_images, args.val_annotations) = (
-            data.coco_paths(args.shapes_dir, "train"), data.coco_paths(args.shapes_dir, "val"))
-        args.preset = args.preset or "tiny"
+            map(str, data.coco_paths(args.shapes_dir, "train")), map(str, data.coco_paths(args.shapes_dir, "val")))
+        default_preset = "tiny"
     if not (args.train_annotations and args.val_images and args.val_annotations):
         sys.exit("error: give --coco-path, or all of --train-images --train-annotations --val-images --val-annotations")
-    args.preset = args.preset or "r50"
 
-    if args.resume and not Path(args.resume).is_file():
-        sys.exit(f"error: {args.resume}: checkpoint not found")
-    checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False) if args.resume else None
-    cfg = make_config(args)
+    checkpoint = pretrained = None
+    try:
+        if args.resume:
+            checkpoint = cdetr.read_checkpoint(args.resume)
+            if not isinstance(checkpoint, dict) or not {"model", "optimizer", "config", "rng"} <= set(checkpoint):
+                sys.exit(f"error: --resume {args.resume}: not a checkpoint written by train.py (no optimizer state); "
+                         f"to start from its weights, use --init-from")
+        if args.init_from:
+            pretrained = cdetr.load_pretrained(args.init_from)
+    except cdetr.WeightsError as e:
+        sys.exit(f"error: --{'resume' if args.resume else 'init-from'} {e}")
     if checkpoint:
+        warn_about_changed_flags(args, checkpoint["args"])
         cfg = replace(cdetr.Config(**checkpoint["config"]), epochs=args.epochs or checkpoint["config"]["epochs"])
+        origin = f"the config of {args.resume}"
+    elif pretrained and pretrained.config and not args.preset:
+        cfg = make_config(args, pretrained.config)     # the architecture the weights were trained with
+        origin = f"the config of {args.init_from}"
+    else:
+        args.preset = args.preset or default_preset
+        cfg = make_config(args, cdetr.preset(args.preset))
+        origin = f"preset {args.preset}"
     torch.manual_seed(args.seed + rank)
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
@@ -155,6 +199,17 @@ def main(argv=None):
 
     # --- model, loss, optimizer: the official two learning rates, AdamW and a step decay
     model = cdetr.ConditionalDETR(cfg).to(device)
+    if pretrained:
+        try:
+            new_head = cdetr.load_weights(model, pretrained.state_dict, new_class_head=True)
+        except cdetr.WeightsError as e:
+            sys.exit(f"error: --init-from {args.init_from}: {e} (the model was built from {origin} and the flags)")
+        if main_process:
+            print(f"initialised from {args.init_from} ({pretrained.format})")
+            if new_head:
+                dropped = ", ".join(f"{k} {tuple(pretrained.state_dict[k].shape)}" for k in new_head)
+                print(f"class head: the weights have {pretrained.state_dict[new_head[1]].shape[0]} class logits, "
+                      f"this data needs {cfg.num_classes}: dropped {dropped}; re-initialised with the focal prior")
     criterion = cdetr.SetCriterion(cfg)
     param_groups = [
         {"params": [p for n, p in model.named_parameters() if not n.startswith("backbone.") and p.requires_grad]},
@@ -181,7 +236,7 @@ def main(argv=None):
     if main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"preset {args.preset}, decoder {cfg.decoder}, {n_params / 1e6:.2f} M parameters, "
+        print(f"{origin}, decoder {cfg.decoder}, {n_params / 1e6:.2f} M parameters, "
               f"{len(train_set)} training / {len(val_set)} validation images, {world_size} process(es) on {device}")
     val_shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world_size))
     val_loader = torch.utils.data.DataLoader(val_shard, batch_size=cfg.batch_size * 2, num_workers=args.num_workers,
@@ -250,7 +305,8 @@ def main(argv=None):
             best_ap = max(best_ap, record.get("AP", -1.0))
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "lr_scheduler": scheduler.state_dict(), "epoch": epoch, "config": asdict(cfg),
-                     "args": vars(args), "best_ap": best_ap, "rng": rng_states()}
+                     "category_names": train_set.category_names, "args": dict(vars(args)), "best_ap": best_ap,
+                     "rng": rng_states()}
             save_atomically(state, output_dir / "checkpoint.pth")
             if improved:
                 save_atomically(state, output_dir / "best.pth")

@@ -2,17 +2,21 @@
 generated dataset and a tiny model."""
 
 import json
+import math
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
 from pycocotools.coco import COCO
 
+import cdetr
 import data
 import train
+from test_pretrained import to_official_names
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--image-size", "64", "--batch-size", "4", "--num-workers", "0",
@@ -44,25 +48,30 @@ def test_one_epoch_then_evaluate(shapes, tmp_path):
     assert "Average Precision" in result.stdout and "done. AP per epoch: 1:" in result.stdout
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(log) == 1 and {"AP", "AP50", "train_loss", "train_loss_ce_0", "lr", "epoch_time"} <= set(log[0])
-    state = torch.load(out / "checkpoint.pth", weights_only=False)
+    state = torch.load(out / "checkpoint.pth", weights_only=True)   # plain types only: no pickled objects
     assert state["epoch"] == 0 and state["config"]["hidden_dim"] == 32 and state["config"]["num_classes"] == 4
+    assert state["category_names"] == {1: "rectangle", 2: "ellipse", 3: "triangle"}
     assert (out / "best.pth").exists()
 
-    result = run("evaluate.py", "--checkpoint", out / "best.pth", "--visualize", "2", "--num-workers", "0")
+    result = run("evaluate.py", "--weights", out / "best.pth", "--visualize", "2", "--num-workers", "0",
+                 "--output", tmp_path / "eval")
     assert "Average Precision  (AP) @[ IoU=0.50:0.95" in result.stdout or "every metric is 0" in result.stdout
-    detections = json.loads((out / "detections.json").read_text())
+    detections = json.loads((tmp_path / "eval" / "detections.json").read_text())
     assert detections and {"image_id", "category_id", "bbox", "score"} == set(detections[0])
     gt = COCO(str(data.coco_paths(shapes, "val")[1]))
     gt.loadRes([d for d in detections if d["category_id"] in gt.getCatIds()])   # pycocotools accepts them
-    assert len(list((out / "visualize").glob("*.png"))) == 2
+    assert len(list((tmp_path / "eval" / "visualize").glob("*.png"))) == 2
 
 
 def test_resume_is_exact(shapes, tmp_path):
     train_run(shapes, tmp_path / "straight", "--epochs", "2", "--set", "dropout=0.1")
     train_run(shapes, tmp_path / "split", "--epochs", "1", "--set", "dropout=0.1")
-    train_run(shapes, tmp_path / "split", "--epochs", "2", "--resume", tmp_path / "split" / "checkpoint.pth")
-    straight = torch.load(tmp_path / "straight" / "checkpoint.pth", weights_only=False)
-    resumed = torch.load(tmp_path / "split" / "checkpoint.pth", weights_only=False)
+    result = train_run(shapes, tmp_path / "split", "--epochs", "2", "--resume", tmp_path / "split" / "checkpoint.pth",
+                       "--lr", "0.001")
+    assert "warning: --lr is 0.001 but was None in the run being resumed (ignored: the checkpoint's config is used)" \
+        in result.stdout
+    straight = torch.load(tmp_path / "straight" / "checkpoint.pth", weights_only=True)
+    resumed = torch.load(tmp_path / "split" / "checkpoint.pth", weights_only=True)
     assert straight["epoch"] == resumed["epoch"] == 1
     for name, value in straight["model"].items():
         assert torch.equal(value, resumed["model"][name]), name
@@ -74,7 +83,7 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(shapes, tmp_path):
     out = tmp_path / "run"
     train_run(shapes, out, "--epochs", "1")
     good = (out / "checkpoint.pth").read_bytes()
-    state = torch.load(out / "checkpoint.pth", weights_only=False)
+    state = torch.load(out / "checkpoint.pth", weights_only=True)
     state["model"]["class_embed.bias"][:] = float("nan")
     torch.save(state, tmp_path / "broken.pth")
     result = train_run(shapes, out, "--epochs", "2", "--resume", tmp_path / "broken.pth", check=False)
@@ -119,33 +128,90 @@ def test_unknown_set_field_is_a_clear_error(shapes, tmp_path):
 
 def test_missing_resume_checkpoint_is_a_clear_error(shapes, tmp_path):
     result = train_run(shapes, tmp_path / "o", "--resume", tmp_path / "nope.pth", check=False)
-    assert result.returncode != 0 and f"error: {tmp_path / 'nope.pth'}: checkpoint not found" in result.stderr
-
-
-def to_official_names(ours: dict) -> dict:
-    """Our state dict under the official parameter names (what a released checkpoint holds)."""
-    official = {}
-    for name, value in ours.items():
-        name = name.replace("backbone.body.", "backbone.0.body.").replace(".ffn.linear", ".linear")
-        name = name.replace(".sa_out_proj.", ".self_attn.out_proj.").replace(".ca_out_proj.", ".cross_attn.out_proj.")
-        if name.startswith("encoder."):
-            name = name.replace(".out_proj.", ".self_attn.out_proj.")
-        official["transformer." + name if name.startswith(("encoder.", "decoder.")) else name] = value
-    for key in [k for k in official if ".q_proj." in k]:
-        kind = key.rsplit(".", 1)[1]
-        parts = [official.pop(key.replace(".q_proj.", f".{p}_proj.")) for p in "qkv"]
-        official[key.replace(f".q_proj.{kind}", f".self_attn.in_proj_{kind}")] = torch.cat(parts)
-    return official
+    assert result.returncode != 0 and f"error: --resume {tmp_path / 'nope.pth'}: file not found" in result.stderr
 
 
 def test_evaluate_official_checkpoint(shapes, tmp_path):
-    import cdetr
     model = cdetr.ConditionalDETR(cdetr.preset("r50"))
     torch.save({"model": to_official_names(model.state_dict()), "epoch": 49}, tmp_path / "official.pth")
     images, annotations = data.coco_paths(shapes, "val")
+    # --official-checkpoint: the older name of --weights, still accepted
     result = run("evaluate.py", "--official-checkpoint", tmp_path / "official.pth", "--preset", "r50",
-                 "--images", images, "--annotations", annotations, "--image-size", "64", "--num-workers", "0")
-    assert "wrote" in result.stdout and (tmp_path / "detections.json").exists()
-    result = run("evaluate.py", "--official-checkpoint", tmp_path / "official.pth", "--preset", "r101",
+                 "--images", images, "--annotations", annotations, "--image-size", "64", "--num-workers", "0",
+                 "--output", tmp_path / "eval")
+    assert "official checkpoint, resnet50, 91 class logits" in result.stdout
+    assert (tmp_path / "eval" / "detections.json").exists()
+    result = run("evaluate.py", "--weights", tmp_path / "official.pth", "--preset", "r101",
                  "--images", images, "--annotations", annotations, check=False)
-    assert result.returncode != 0 and "does not fit --preset r101" in result.stderr
+    assert result.returncode != 0 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"error: --weights {tmp_path / 'official.pth'}: the model's "
+                                    f"backbone.body.layer3.6.conv1.weight (256, 1024, 1, 1) is not in the weights "
+                                    f"(the model was built from --preset r101)")
+
+
+def tiny_checkpoint(path: Path, num_classes: int) -> dict:
+    """A checkpoint as train.py writes it (weights, config, names) for the TINY architecture."""
+    torch.manual_seed(1)
+    cfg = cdetr.preset("tiny", image_size=64, batch_size=4, hidden_dim=32, nheads=4, enc_layers=1, dec_layers=2,
+                       dim_feedforward=64, num_queries=10, num_classes=num_classes)
+    state = cdetr.ConditionalDETR(cfg).state_dict()
+    torch.save({"model": state, "config": asdict(cfg), "category_names": {1: "a", 2: "b", 3: "c"}}, path)
+    return state
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory):
+    """A dataset whose classes are not the shapes': the fill colour, category ids 10..40."""
+    return data.make_shapes_dataset(tmp_path_factory.mktemp("colours"), num_train=8, num_val=4, size=64,
+                                    min_side=12, max_side=30, seed=1, classes="colours")
+
+
+def test_init_from_with_other_classes_keeps_every_other_weight(colours, tmp_path):
+    source = tiny_checkpoint(tmp_path / "source.pth", num_classes=4)
+    out = tmp_path / "run"
+    # lr 0 (weight decay is multiplied by the lr): one epoch runs without moving a parameter
+    result = run("train.py", "--shapes-dir", colours, "--output-dir", out, "--init-from", tmp_path / "source.pth",
+                 "--epochs", "1", "--lr", "0", "--lr-backbone", "0", "--num-workers", "0")
+    assert f"initialised from {tmp_path / 'source.pth'} (train.py checkpoint)" in result.stdout
+    assert ("class head: the weights have 4 class logits, this data needs 41: dropped class_embed.weight (4, 32), "
+            "class_embed.bias (4,); re-initialised with the focal prior") in result.stdout
+    state = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert state["config"]["num_classes"] == 41 and state["category_names"] == {10: "red", 20: "green", 30: "blue",
+                                                                                 40: "yellow"}
+    trained = dict(cdetr.ConditionalDETR(cdetr.Config(**state["config"])).named_parameters())
+    for name in trained:
+        if name.startswith("class_embed."):
+            assert state["model"][name].shape[0] == 41
+        else:
+            assert torch.equal(state["model"][name], source[name]), name
+    torch.testing.assert_close(state["model"]["class_embed.bias"], torch.full((41,), -math.log(99)))
+
+
+def test_init_from_another_architecture_is_a_clear_error(colours, tmp_path):
+    tiny_checkpoint(tmp_path / "source.pth", num_classes=4)
+    result = run("train.py", "--shapes-dir", colours, "--output-dir", tmp_path / "o", "--init-from",
+                 tmp_path / "source.pth", "--set", "hidden_dim=64", check=False)
+    assert result.returncode != 0 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"error: --init-from {tmp_path / 'source.pth'}: input_proj.weight is "
+                                    f"(32, 256, 1, 1) in the weights but (64, 256, 1, 1) in the model")
+
+
+def test_init_from_and_resume_are_exclusive(colours, tmp_path):
+    result = run("train.py", "--shapes-dir", colours, "--init-from", "r50", "--resume", tmp_path / "c.pth", check=False)
+    assert result.returncode == 2 and "error: argument --resume: not allowed with argument --init-from" in result.stderr
+
+
+def test_detect_on_a_folder(shapes, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for index in (1, 2):
+        data.shapes_example(index, "val", size=64, min_side=12, max_side=30)[0].save(folder / f"photo{index}.png")
+    tiny_checkpoint(tmp_path / "model.pth", num_classes=4)
+    result = run("evaluate.py", "--weights", tmp_path / "model.pth", "--detect", folder, "--threshold", "0",
+                 "--output", tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["photo1.png", "photo2.png"]
+    detections = json.loads((tmp_path / "out" / "detections.json").read_text())
+    assert {d["image"] for d in detections} == {str(folder / "photo1.png"), str(folder / "photo2.png")}
+    assert all(set(d) == {"image", "category_id", "category", "score", "bbox"} for d in detections)
+    assert {d["category"] for d in detections} <= {"a", "b", "c", "0"}
+    assert "detections" in result.stdout
