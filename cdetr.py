@@ -37,7 +37,9 @@ Deliberate differences from the paper and the official code
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -76,6 +78,10 @@ class Config:
     num_queries: int = 300
     num_classes: int = 91                 # max category id + 1 (COCO ids are used directly)
     decoder: str = "conditional"          # "conditional" or "detr" (the baseline)
+    # the ablations of §4.3 (decoder="conditional"; see Decoder). Defaults: the paper's design.
+    reference_point: str = "predicted"    # s from o_q; "learned" per query; "zero": s = (0, 0)
+    spatial_query: str = "csq"            # Table 3: "csq", "csq-c", "csq-t", "csq-p", "csq-i"
+    query_transform: str = "diagonal"     # Fig. 5, the form of T: "diagonal", "scalar", "block", "full"
     # matcher and losses
     aux_loss: bool = True
     set_cost_class: float = 2.0
@@ -98,6 +104,10 @@ class Config:
     def __post_init__(self):
         checks = [
             (self.decoder in ("conditional", "detr"), f"decoder must be 'conditional' or 'detr', not {self.decoder!r}"),
+            (self.reference_point in ("predicted", "learned", "zero"), f"reference_point must be 'predicted', 'learned' or 'zero', not {self.reference_point!r}"),
+            (self.spatial_query in ("csq", "csq-c", "csq-t", "csq-p", "csq-i"), f"spatial_query must be one of csq, csq-c, csq-t, csq-p, csq-i (Table 3), not {self.spatial_query!r}"),
+            (self.query_transform in ("diagonal", "scalar", "block", "full"), f"query_transform must be 'diagonal', 'scalar', 'block' or 'full' (Fig. 5), not {self.query_transform!r}"),
+            (self.query_transform == "diagonal" or self.spatial_query in ("csq", "csq-i"), f"query_transform {self.query_transform!r} needs spatial_query 'csq' or 'csq-i' (T multiplies p_s)"),
             (self.train_backbone in ("layer2-4", "all", "none"), f"train_backbone must be 'layer2-4', 'all' or 'none', not {self.train_backbone!r}"),
             (self.hidden_dim % self.nheads == 0, f"hidden_dim {self.hidden_dim} is not divisible by nheads {self.nheads}"),
             (self.hidden_dim % 4 == 0, f"hidden_dim {self.hidden_dim} must be a multiple of 4 (sin/cos pairs for x and y)"),
@@ -301,19 +311,22 @@ class Encoder(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Self-attention among the queries, cross-attention to the image, FFN; post-norm.
+    """One decoder layer (paper Fig. 3): self-attention among the queries, cross-attention to
+    the image, FFN; post-norm.
 
-    decoder="conditional" (paper §3.3): the cross-attention query of each head is the
-    concatenation [c_q ; p_q] of the content query and the conditional spatial query, and the
-    key is [c_k ; p_k], so per head q·k = c_q·c_k + p_q·p_k (Eq. (4)): content and position are
-    matched separately instead of being mixed. In the first layer only, the object query's
-    projection is also added to the content query and p_k to the content key (official code).
+    decoder="conditional" (§3.3): each head's cross-attention query is the concatenation
+    [c_q ; p_q] of the content query and the conditional spatial query, and its key is
+    [c_k ; p_k], so per head q·k = c_qᵀc_k + p_qᵀp_k (Eq. (3)): content and position are
+    matched separately instead of being mixed. The first layer also adds the object query's
+    projection to c_q and p_k to c_k (§3.5, first layer; the official code has ca_qpos_proj in
+    layer 0 only).
 
-    decoder="detr": DETR's cross-attention, q = c_q + W o (the object query o, in every
-    layer) and k = c_k + p_k; no reference point, no concatenation. Unlike the original DETR,
+    decoder="detr": DETR's cross-attention (§3.2, Eq. (2)), q = c_q + W o_q (the object query,
+    in every layer) and k = c_k + p_k; no reference point, no concatenation. With the focal loss
+    and 300 queries kept, this is Table 4's "DETR + focal loss and 300 queries" row: no offset
+    regression from a reference point, no conditional spatial query. Unlike the original DETR,
     content and position have separate projections (W_c c + W_p p rather than W (c + p)),
-    which can only represent more, and the model keeps the focal loss and 300 queries.
-    Parameter names follow the official code so that checkpoints map one to one.
+    which can only represent more. Parameter names follow the official code throughout.
     """
 
     def __init__(self, cfg: Config, is_first: bool):
@@ -327,21 +340,23 @@ class DecoderLayer(nn.Module):
         self.ca_qcontent_proj, self.ca_kcontent_proj, self.ca_kpos_proj = linear(), linear(), linear()
         self.ca_v_proj, self.ca_out_proj = linear(), linear()
         if is_first or not self.conditional:
-            self.ca_qpos_proj = linear()          # object query -> query position
+            self.ca_qpos_proj = linear()          # o_q -> query position
         if self.conditional:
-            self.ca_qpos_sine_proj = linear()     # λ_q ⊙ p_s -> per-head spatial query
+            self.ca_qpos_sine_proj = linear()     # p_q -> each head's spatial query
         self.ffn = FeedForward(D, cfg.dim_feedforward, cfg.dropout)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(D), nn.LayerNorm(D), nn.LayerNorm(D)
         self.drop = nn.Dropout(cfg.dropout)
         self.attn_dropout = cfg.dropout
 
     def forward(self, tgt: Tensor, memory: Tensor, key_pos: Tensor, key_padding_mask: Tensor,
-                query_pos: Tensor, query_sine_embed: Tensor | None,
+                query_pos: Tensor, spatial_query: Callable[[Tensor], Tensor] | None,
                 return_attention: bool = False) -> tuple[Tensor, dict[str, Tensor] | None]:
-        """tgt (B, Q, D) decoder embeddings f; memory, key_pos (B, HW, D); key_padding_mask
-        (B, HW); query_pos (B, Q, D) object queries o; query_sine_embed (B, Q, D) λ_q ⊙ p_s
-        (None for decoder="detr"). Returns the new tgt (B, Q, D) and, if return_attention,
-        the cross-attention logits {"content", "spatial", "combined"}, each (B, nh, Q, HW)."""
+        """tgt (B, Q, D) the decoder embeddings f; memory, key_pos (B, HW, D) the encoder output
+        and p_k; key_padding_mask (B, HW); query_pos (B, Q, D) the object queries o_q;
+        spatial_query maps this layer's self-attention output (B, Q, D) to p_q (B, Q, D)
+        (Decoder.spatial_query; None for decoder="detr"). Returns the new tgt (B, Q, D) and, if
+        return_attention, the cross-attention logits {"content", "spatial", "combined"}, each
+        (B, nh, Q, HW)."""
         nh, p = self.nheads, self.attn_dropout if self.training else 0.0
 
         # --- self-attention: every query looks at the others, de-duplicating detections
@@ -352,21 +367,21 @@ class DecoderLayer(nn.Module):
         tgt = self.norm1(tgt + self.drop(self.sa_out_proj(merge_heads(out))))
 
         # --- cross-attention: every query looks at the image
-        q_content = split_heads(self.ca_qcontent_proj(tgt), nh)              # (B, nh, Q, hd)
-        k_content = split_heads(self.ca_kcontent_proj(memory), nh)           # (B, nh, HW, hd)
-        k_pos = split_heads(self.ca_kpos_proj(key_pos), nh)                  # (B, nh, HW, hd)
+        q_content = split_heads(self.ca_qcontent_proj(tgt), nh)              # (B, nh, Q, hd) c_q
+        k_content = split_heads(self.ca_kcontent_proj(memory), nh)           # (B, nh, HW, hd) c_k
+        k_pos = split_heads(self.ca_kpos_proj(key_pos), nh)                  # (B, nh, HW, hd) p_k
         v = split_heads(self.ca_v_proj(memory), nh)                          # (B, nh, HW, hd)
         if self.conditional:
             if self.is_first:
-                # [ours] official code: layer 0 also mixes o and p_k into the content parts
+                # [paper §3.5] first layer: o_q's projection joins c_q, and p_k joins c_k
                 q_content = q_content + split_heads(self.ca_qpos_proj(query_pos), nh)
                 k_content = k_content + k_pos
-            q_spatial = split_heads(self.ca_qpos_sine_proj(query_sine_embed), nh)  # (B, nh, Q, hd)
-            # [paper §3.3] query = [c_q ; p_q], key = [c_k ; p_k], concatenated per head
+            q_spatial = split_heads(self.ca_qpos_sine_proj(spatial_query(tgt)), nh)  # (B, nh, Q, hd) p_q
+            # [paper §3.3, Eq. (3)] query [c_q ; p_q] and key [c_k ; p_k], concatenated per head
             q = torch.cat([q_content, q_spatial], dim=-1)                    # (B, nh, Q, 2hd)
             k = torch.cat([k_content, k_pos], dim=-1)                        # (B, nh, HW, 2hd)
         else:
-            # [paper §3.2] DETR: query = c_q + p_q, key = c_k + p_k
+            # [paper §3.2, Eq. (2)] DETR: query c_q + p_q with p_q = o_q, key c_k + p_k
             q_spatial = split_heads(self.ca_qpos_proj(query_pos), nh)        # (B, nh, Q, hd)
             q, k = q_content + q_spatial, k_content + k_pos                  # (B, nh, *, hd)
         out = attention(q, k, v, key_padding_mask, p)                        # (B, nh, Q, hd)
@@ -376,7 +391,7 @@ class DecoderLayer(nn.Module):
         maps = None
         if return_attention:
             # [ours] logits on the scale the layer used; for the conditional decoder
-            # content + spatial == combined exactly (Eq. (4)).
+            # content + spatial == combined exactly (Eq. (3)).
             scale = q.shape[-1] ** -0.5
             maps = {"content": q_content @ k_content.transpose(-2, -1) * scale,
                     "spatial": q_spatial @ k_pos.transpose(-2, -1) * scale,
@@ -385,44 +400,82 @@ class DecoderLayer(nn.Module):
 
 
 class Decoder(nn.Module):
-    """The L decoder layers, the reference point head and the λ_q head (paper §3.3)."""
+    """The L decoder layers, the reference point s and the spatial query p_q (paper §3.3, §3.5).
+
+    The ablations of §4.3 are switches of Config; the defaults are the paper's.
+        reference_point  "predicted": s = FFN(o_q) (§3.5); "learned": s is a free parameter per
+                         query; "zero": s = (0, 0) for every query (§4.3: 40.9, 40.7, 36.8 AP)
+        spatial_query    Table 3: "csq" λ_q ⊙ p_s (40.9), "csq-c" f itself (37.1), "csq-t" λ_q
+                         alone (37.6), "csq-p" p_s alone (37.8), "csq-i" λ from c_q, not f (40.2)
+        query_transform  Fig. 5, the form of T in p_q = T p_s: "diagonal" (λ_q, 40.9), "scalar"
+                         (39.0), "block" (one hd x hd matrix per head, 40.8), "full" (D x D, 40.7)
+    """
 
     def __init__(self, cfg: Config):
         super().__init__()
         D = cfg.hidden_dim
-        self.conditional = cfg.decoder == "conditional"
+        self.cfg, self.conditional = cfg, cfg.decoder == "conditional"
         self.layers = nn.ModuleList(DecoderLayer(cfg, is_first=i == 0) for i in range(cfg.dec_layers))
         self.norm = nn.LayerNorm(D)
-        if self.conditional:
-            self.ref_point_head = MLP(D, D, 2, 2)   # o -> s (before the sigmoid)
-            self.query_scale = MLP(D, D, D, 2)      # f -> λ_q
+        if self.conditional and cfg.reference_point == "predicted":
+            self.ref_point_head = MLP(D, D, 2, 2)                 # o_q -> s
+        if self.conditional and cfg.reference_point == "learned":
+            self.ref_point = nn.Parameter(torch.zeros(cfg.num_queries, 2))    # s; set by ConditionalDETR's init
+        if self.conditional and cfg.spatial_query in ("csq", "csq-t", "csq-i"):
+            width = {"diagonal": D, "scalar": 1, "block": D * D // cfg.nheads, "full": D * D}[cfg.query_transform]
+            self.query_scale = MLP(D, D, width, 2)                # f -> T (λ_q in the diagonal form)
+
+    def spatial_query(self, layer: int, f: Tensor, c_q: Tensor, p_s: Tensor) -> Tensor:
+        """Eq. (4), (s, f) -> p_q, before each layer's per-head projection. f (B, Q, D) is the
+        layer's input decoder embedding, c_q (B, Q, D) its self-attention output, p_s (B, Q, D)
+        = sinusoidal(sigmoid(s)). Returns p_q (B, Q, D)."""
+        variant = self.cfg.spatial_query
+        if variant == "csq-c":                   # Table 3, CSQ-C: the decoder embedding itself
+            return f
+        if variant == "csq-p":                   # Table 3, CSQ-P: p_s alone, T = identity
+            return p_s
+        if layer == 0 and variant != "csq-i":
+            # [ours] official code: λ_q = 1 in the first layer, where f is still zero
+            return p_s if variant == "csq" else torch.ones_like(p_s)
+        T = self.query_scale(c_q if variant == "csq-i" else f)              # Table 3, CSQ-I: from c_q
+        if variant == "csq-t":                   # Table 3, CSQ-T: the transformation alone
+            return T
+        if T.shape[-1] <= p_s.shape[-1]:
+            # [paper §3.3, Eq. (6)] p_q = T p_s = λ_q ⊙ p_s, T diagonal (Fig. 5 "scalar": λ_q (B, Q, 1))
+            return T * p_s
+        B, Q, D = p_s.shape                      # Fig. 5: block-diagonal (one block per head) or full
+        n = self.cfg.nheads if self.cfg.query_transform == "block" else 1
+        T = T.view(B, Q, n, D // n, D // n)                                  # (B, Q, n, D/n, D/n)
+        return (T @ p_s.view(B, Q, n, D // n, 1)).view(B, Q, D)
 
     def forward(self, memory: Tensor, key_pos: Tensor, key_padding_mask: Tensor,
                 query_pos: Tensor, return_attention: bool = False):
-        """memory, key_pos (B, HW, D); key_padding_mask (B, HW); query_pos (B, Q, D).
-        Returns hs (L, B, Q, D), every layer's output after the final LayerNorm; reference
-        points (B, Q, 2) normalized (x, y), or None for decoder="detr"; and a list with
-        each layer's attention logits (empty unless return_attention)."""
-        D = query_pos.shape[-1]
+        """memory, key_pos (B, HW, D); key_padding_mask (B, HW); query_pos (B, Q, D) the object
+        queries o_q. Returns hs (L, B, Q, D), every layer's output after the final LayerNorm;
+        sigmoid(s) (B, Q, 2), the normalized reference points (x, y), or None for
+        decoder="detr"; and a list with each layer's attention logits (empty unless
+        return_attention)."""
+        B, Q, D = query_pos.shape
         tgt = torch.zeros_like(query_pos)          # f: the decoder embedding starts at zero
         reference = p_s = None
         if self.conditional:
-            # [paper §3.3] the reference point s is predicted from the object query o,
-            # normalized by a sigmoid, and embedded like the keys: p_s = sinusoidal(s).
-            # [ours] s is the same in every layer; the decoder does not refine it.
-            reference = self.ref_point_head(query_pos).sigmoid()             # (B, Q, 2)
+            # [paper §3.5] the unnormalized reference point s is predicted from the object query
+            # [ours] s is the same for every layer; the decoder does not refine it.
+            if self.cfg.reference_point == "predicted":
+                s = self.ref_point_head(query_pos)                           # (B, Q, 2)
+            elif self.cfg.reference_point == "learned":                     # §4.3: free parameters
+                s = self.ref_point.expand(B, -1, -1)
+            else:                                                            # §4.3: s = (0, 0)
+                s = query_pos.new_zeros(B, Q, 2)
+            reference = s.sigmoid()                                          # (B, Q, 2)
+            # [paper §3.3, Eq. (5)] p_s = sinusoidal(sigmoid(s)), embedded like the keys' p_k
             p_s = reference_point_embedding(reference, D)                    # (B, Q, D)
         hs, maps = [], []
         for i, layer in enumerate(self.layers):
-            query_sine_embed = None
-            if self.conditional:
-                # [paper §3.3] p_q = λ_q ⊙ p_s with λ_q = FFN(f): the decoder embedding
-                # decides which displacement from s each head should look at.
-                # [ours] official code: λ_q = 1 in the first layer, where f is still empty.
-                lam = 1.0 if i == 0 else self.query_scale(tgt)               # (B, Q, D)
-                query_sine_embed = lam * p_s
-            tgt, layer_maps = layer(tgt, memory, key_pos, key_padding_mask, query_pos,
-                                    query_sine_embed, return_attention)
+            # p_q is formed inside the layer, after its self-attention (which CSQ-I needs)
+            spatial_query = partial(self.spatial_query, i, tgt, p_s=p_s) if self.conditional else None
+            tgt, layer_maps = layer(tgt, memory, key_pos, key_padding_mask, query_pos, spatial_query,
+                                    return_attention)
             hs.append(self.norm(tgt))
             if return_attention:
                 maps.append(layer_maps)
@@ -479,6 +532,9 @@ class ConditionalDETR(nn.Module):
         nn.init.constant_(self.class_embed.bias, -math.log((1 - prior) / prior))
         nn.init.zeros_(self.bbox_embed.layers[-1].weight)
         nn.init.zeros_(self.bbox_embed.layers[-1].bias)
+        if hasattr(self.decoder, "ref_point"):   # learned reference points start spread over the image
+            with torch.no_grad():
+                self.decoder.ref_point.copy_(inverse_sigmoid(torch.rand_like(self.decoder.ref_point)))
 
     def forward(self, images: Tensor, mask: Tensor, return_attention: bool = False) -> dict:
         if images.dim() != 4 or mask.shape != (images.shape[0], *images.shape[2:]):

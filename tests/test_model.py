@@ -142,3 +142,67 @@ def test_bad_input_shapes():
         model(torch.randn(3, 64, 64), torch.zeros(64, 64, dtype=torch.bool))
     with pytest.raises(ValueError, match="expected images"):
         model(torch.randn(2, 3, 64, 64), torch.zeros(2, 32, 64, dtype=torch.bool))
+
+
+ABLATIONS = [dict(spatial_query=v) for v in ("csq-c", "csq-t", "csq-p", "csq-i")] + \
+    [dict(query_transform=t) for t in ("scalar", "block", "full")] + [dict(spatial_query="csq-i", query_transform="full")] + \
+    [dict(reference_point=r) for r in ("learned", "zero")]
+
+
+def spatial_query_inputs(model, images, mask) -> tuple[list, dict]:
+    """What each decoder layer's ca_qpos_sine_proj receives (p_q before the per-head
+    projection), and the model's outputs."""
+    seen = []
+    hooks = [layer.ca_qpos_sine_proj.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+             for layer in model.decoder.layers]
+    with torch.no_grad():
+        out = model(images, mask)
+    for hook in hooks:
+        hook.remove()
+    return seen, out
+
+
+@pytest.mark.parametrize("overrides", ABLATIONS, ids=lambda o: "-".join(o.values()))
+def test_every_ablation_runs_with_the_right_shapes(overrides):
+    cfg = tiny_config(**overrides)
+    images, mask = padded_batch()
+    seen, out = spatial_query_inputs(cdetr.ConditionalDETR(cfg).eval(), images, mask)
+    assert out["pred_logits"].shape == (2, cfg.num_queries, cfg.num_classes)
+    assert out["pred_boxes"].shape == (2, cfg.num_queries, 4) and out["reference_points"].shape == (2, cfg.num_queries, 2)
+    assert [p_q.shape for p_q in seen] == [(2, cfg.num_queries, cfg.hidden_dim)] * cfg.dec_layers
+
+
+def test_spatial_query_per_table_3_variant():
+    """CSQ: p_q = p_s in the first layer (λ_q = 1), λ_q ⊙ p_s after; CSQ-P: p_s in every layer
+    (T = identity); CSQ-C: the decoder embedding f, zero in the first layer."""
+    images, mask = padded_batch()
+    for variant in ("csq", "csq-p", "csq-c"):
+        torch.manual_seed(0)
+        model = cdetr.ConditionalDETR(tiny_config(dec_layers=3, spatial_query=variant)).eval()
+        seen, out = spatial_query_inputs(model, images, mask)
+        p_s = cdetr.reference_point_embedding(out["reference_points"], model.cfg.hidden_dim)
+        if variant == "csq-c":
+            assert seen[0].abs().max() == 0 and all(p_q.abs().max() > 0 for p_q in seen[1:])
+        else:
+            torch.testing.assert_close(seen[0], p_s)
+            assert all(torch.equal(p_q, p_s) for p_q in seen[1:]) == (variant == "csq-p")
+
+
+def test_zero_reference_points_sit_at_the_image_centre():
+    images, mask = padded_batch()
+    model = cdetr.ConditionalDETR(tiny_config(reference_point="zero")).eval()
+    with torch.no_grad():
+        out = model(images, mask)
+    assert torch.equal(out["reference_points"], torch.full((2, 6, 2), 0.5))
+    assert not hasattr(model.decoder, "ref_point_head")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(spatial_query="csq-x"), "Table 3"),
+    (dict(query_transform="lower"), "Fig. 5"),
+    (dict(spatial_query="csq-p", query_transform="full"), "needs spatial_query 'csq' or 'csq-i'"),
+    (dict(reference_point="centre"), "reference_point must be"),
+])
+def test_bad_ablation_config(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        cdetr.Config(**overrides)

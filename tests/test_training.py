@@ -6,7 +6,7 @@ import torch
 from torchvision.ops import box_convert, box_iou
 
 import cdetr
-from test_model import tiny_config
+from test_model import ABLATIONS, tiny_config
 
 
 def two_synthetic_images(size=64):
@@ -23,12 +23,13 @@ def two_synthetic_images(size=64):
     return images, torch.zeros(2, size, size, dtype=torch.bool), targets
 
 
-@pytest.mark.parametrize("decoder", ["conditional", "detr"])
-def test_every_trainable_parameter_gets_a_gradient(decoder):
+@pytest.mark.parametrize("overrides", [dict(decoder="conditional"), dict(decoder="detr"), *ABLATIONS],
+                         ids=lambda o: "-".join(o.values()))
+def test_every_trainable_parameter_gets_a_gradient(overrides):
     """A parameter the forward pass never uses (say a stray ca_qpos_proj in a later
-    conditional layer) would be left with grad None."""
+    conditional layer) would be left with grad None; so, for every ablation."""
     torch.manual_seed(0)
-    cfg = tiny_config(decoder=decoder, dec_layers=3)
+    cfg = tiny_config(dec_layers=3, **overrides)
     model = cdetr.ConditionalDETR(cfg)
     images, mask, targets = two_synthetic_images()
     cdetr.SetCriterion(cfg)(model(images, mask), targets)["loss"].backward()
@@ -78,3 +79,21 @@ def test_detr_baseline_trains_one_step():
     loss.backward()
     optimizer.step()
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_learned_reference_points_are_parameters_that_train():
+    torch.manual_seed(0)
+    cfg = tiny_config(reference_point="learned")
+    model, criterion = cdetr.ConditionalDETR(cfg), cdetr.SetCriterion(cfg)
+    before = model.decoder.ref_point.detach().clone()
+    assert "decoder.ref_point" in dict(model.named_parameters()) and before.shape == (cfg.num_queries, 2)
+    assert before.sigmoid().std() > 0.15                 # spread over the image, not all at one point
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    images, mask, targets = two_synthetic_images()
+    for _ in range(3):
+        optimizer.zero_grad()
+        criterion(model(images, mask), targets)["loss"].backward()
+        optimizer.step()
+    assert (model.decoder.ref_point - before).abs().max() > 1e-3
+    with torch.no_grad():
+        torch.testing.assert_close(model(images, mask)["reference_points"][1], model.decoder.ref_point.sigmoid())
