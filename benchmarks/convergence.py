@@ -19,6 +19,7 @@ convergence.png (AP and training loss per epoch, the conditional seeds as a band
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -33,6 +34,18 @@ import cdetr  # noqa: E402
 DECODERS = ("conditional", "detr")
 AP_LEVELS = (0.01, 0.05, 0.1, 0.2, 0.4)
 PAPER_SPEEDUP = 6.7   # Table 1: R50 at 75 epochs matches DETR-R50 at 500
+
+
+def train_run(out: Path, train_args: list[str], epochs: int, reuse: bool, start: float) -> list[dict]:
+    """train.py's per-epoch log records for a run in `out`; the run is made first (into a fresh
+    `out`) unless `reuse` and `out` already holds a log of `epochs` epochs."""
+    log = out / "log.jsonl"
+    if not (reuse and log.exists() and len(log.read_text().splitlines()) == epochs):
+        shutil.rmtree(out, ignore_errors=True)       # the benchmark's own folder, never a user's run
+        command = [sys.executable, str(ROOT / "train.py"), "--output-dir", str(out), *train_args]
+        print(f"[{time.time() - start:6.0f} s] {' '.join(command[1:])}", flush=True)
+        subprocess.run(command, check=True, cwd=ROOT)
+    return [json.loads(line) for line in log.read_text().splitlines()]
 
 
 def first_epoch_reaching(values: list[float], level: float, lower_is_better: bool = False) -> int | None:
@@ -129,22 +142,15 @@ def main():
 
     runs, start = {d: {} for d in DECODERS}, time.time()
     for decoder in DECODERS:
+        # the preset's own schedule is left alone, so that seed 42 is `python train.py`
+        schedule = ([] if epochs[decoder] == tiny.epochs else
+                    ["--epochs", str(epochs[decoder]), "--set", f"lr_drop={epochs[decoder] - 3}"])
         for seed in seeds[decoder]:
-            out = Path(args.runs_dir) / f"{decoder}-seed{seed}-{epochs[decoder]}ep"
-            log = out / "log.jsonl"
-            finished = log.exists() and len(log.read_text().splitlines()) == epochs[decoder]
-            if not (args.reuse and finished):
-                log.unlink(missing_ok=True)
-                (out / "checkpoint.pth").unlink(missing_ok=True)
-                # the preset's own schedule is left alone, so that seed 42 is `python train.py`
-                schedule = ([] if epochs[decoder] == tiny.epochs else
-                            ["--epochs", str(epochs[decoder]), "--set", f"lr_drop={epochs[decoder] - 3}"])
-                command = [sys.executable, str(ROOT / "train.py"), "--decoder", decoder, "--seed", str(seed),
-                           "--output-dir", str(out), *schedule,
-                           *(["--subset", str(args.subset)] if args.subset else []), *extra]
-                print(f"[{time.time() - start:6.0f} s] {' '.join(command[1:])}", flush=True)
-                subprocess.run(command, check=True, cwd=ROOT)
-            runs[decoder][seed] = [json.loads(line) for line in log.read_text().splitlines()]
+            runs[decoder][seed] = train_run(
+                Path(args.runs_dir) / f"{decoder}-seed{seed}-{epochs[decoder]}ep",
+                ["--decoder", decoder, "--seed", str(seed), *schedule,
+                 *(["--subset", str(args.subset)] if args.subset else []), *extra],
+                epochs[decoder], args.reuse, start)
 
     curves = {d: {m: [[r.get(m, 0.0) for r in runs[d][s]] for s in seeds[d]] for m in ("AP", "train_loss")}
               for d in DECODERS}
