@@ -59,6 +59,15 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 # ----------------------------------------------------------------------------------------
 
 
+class InputError(Exception):
+    """A mistake in what the user gave (a setting, a file, a dataset); the message names it.
+    The scripts report these as one line; any other exception is a bug and keeps its traceback."""
+
+
+class ConfigError(InputError, ValueError):
+    """A Config value the model cannot use."""
+
+
 @dataclass
 class Config:
     # backbone
@@ -118,7 +127,7 @@ class Config:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(f"Config: {message}")
+                raise ConfigError(f"Config: {message}")
 
 
 PRESETS = {
@@ -138,7 +147,7 @@ PRESETS = {
 def preset(name: str, **overrides) -> Config:
     """The named recipe (a key of PRESETS) with `overrides` applied on top."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return replace(Config(**PRESETS[name]), **overrides)
 
 
@@ -683,8 +692,8 @@ class SetCriterion(nn.Module):
         cardinality_error, and "loss", the weighted sum used for training."""
         for i, t in enumerate(targets):
             if len(t["labels"]) and not 0 <= int(t["labels"].min()) <= int(t["labels"].max()) < self.num_classes:
-                raise ValueError(f"target {i} has labels {t['labels'].tolist()} outside [0, {self.num_classes}); "
-                                 f"num_classes must be the largest category id + 1")
+                raise ConfigError(f"target {i} has labels {t['labels'].tolist()} outside [0, {self.num_classes}); "
+                                  f"num_classes must be the largest category id + 1")
         device = outputs["pred_logits"].device
         num_boxes = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
         if _world_size() > 1:
@@ -746,7 +755,7 @@ class PostProcess(nn.Module):
 # ----------------------------------------------------------------------------------------
 
 
-class WeightsError(Exception):
+class WeightsError(InputError):
     """Weights that cannot be used; the message names the file or source and the problem."""
 
 
@@ -854,6 +863,15 @@ def download(url: str, file_name: str) -> Path:
     return path
 
 
+def checkpoint_config(checkpoint: dict, path) -> Config:
+    """The Config stored in a checkpoint of train.py; WeightsError if this version of the code
+    cannot build it."""
+    try:
+        return Config(**checkpoint["config"])
+    except (TypeError, ValueError) as e:
+        raise WeightsError(f"{path}: its config does not fit this version of cdetr.py ({e})") from None
+
+
 class Pretrained(NamedTuple):
     state_dict: dict[str, Tensor]     # our parameter names, float32
     config: Config | None             # the architecture, when the source says it (ours, model-zoo names)
@@ -897,10 +915,7 @@ def load_pretrained(source: str) -> Pretrained:
     else:
         raise WeightsError(f"{path}: not Conditional DETR weights (keys like {keys[:3]})")
     if "config" in checkpoint:
-        try:
-            config = Config(**checkpoint["config"])
-        except (TypeError, ValueError) as e:
-            raise WeightsError(f"{path}: its config does not fit this version of cdetr.py ({e})") from None
+        config = checkpoint_config(checkpoint, path)
         names = {int(k): v for k, v in checkpoint.get("category_names", {}).items()}
     weights = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
     return Pretrained(weights, config, names, checkpoint.get("args", {}) if "config" in checkpoint else {}, kind)

@@ -1,7 +1,8 @@
-"""Data for cdetr: COCO-format datasets, the paper's augmentations, and a built-in
-synthetic "shapes" dataset that trains on a laptop CPU.
+"""Data for cdetr: COCO-format datasets, the paper's augmentations, a built-in synthetic
+"shapes" dataset that trains on a laptop CPU, and the file handling the scripts share.
 
     python data.py shapes --out data/shapes      # write the synthetic set in COCO layout
+    python data.py check data/my_coco            # what train.py would make of a dataset
 
 A dataset item is (image, target): image (3, H, W) float, ImageNet-normalized; target a dict
     labels    (M,) int64, the dataset's own category ids (COCO: 1..90, so 91 logits)
@@ -15,23 +16,65 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import random
+import sys
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from pycocotools.coco import COCO
 from torchvision import tv_tensors
 from torchvision.ops import box_convert
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+import cdetr
 
-class DatasetError(Exception):
+
+class DatasetError(cdetr.InputError):
     """Bad dataset input; the message names the file and the problem."""
+
+
+@contextlib.contextmanager
+def report_input_errors():
+    """For the command-line scripts: a mistake in the input (cdetr.InputError, also when a
+    data-loading worker raised it) ends the program with one line "error: ..." and exit
+    status 1; every other exception is a bug and keeps its traceback."""
+    try:
+        yield
+    except cdetr.InputError as e:
+        message = str(e)
+        if "\nOriginal Traceback" in message:   # re-raised by a DataLoader worker: its last line is ours
+            message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+        sys.exit(f"error: {message}")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the scripts here: a usage mistake is one line, like every other error."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    if not text.lstrip("-").isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return int(text)
+
+
+def unused_dir(path: str | Path) -> Path:
+    """`path` if it does not exist yet, else the first free `path-2`, `path-3`, ..."""
+    path, n = Path(path), 2
+    candidate = path
+    while candidate.exists():
+        candidate, n = path.with_name(f"{path.name}-{n}"), n + 1
+    return candidate
 
 
 # ----------------------------------------------------------------------------------------
@@ -102,14 +145,23 @@ COCO_NAMES = dict(zip(
      "teddy bear", "hair drier", "toothbrush"], strict=True))
 
 
-def read_image(path: str | Path) -> Image.Image:
-    """An image file as RGB (grayscale, palette and RGBA are converted); DatasetError naming
-    the file when it cannot be read."""
+def read_image(path: str | Path, expected_size: tuple[int, int] | None = None, header_only: bool = False,
+               annotation_file: str | Path = "the annotations") -> Image.Image:
+    """The image file as RGB (grayscale, palette and RGBA are converted). With expected_size
+    (width, height), another size is an error. header_only: only open the file and check its
+    size (fast, for data checks); the image returned is then not decoded. DatasetError naming
+    the file when it is missing, unreadable or of another size."""
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            if expected_size is not None and image.size != tuple(expected_size):
+                raise DatasetError(f"{path}: image is {image.size[0]}x{image.size[1]} but {Path(annotation_file).name} "
+                                   f"says {expected_size[0]}x{expected_size[1]}")
+            return image if header_only else image.convert("RGB")
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: no such file") from None
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise DatasetError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+        detail = type(e).__name__ + ("" if str(path) in str(e) else f": {e}")
+        raise DatasetError(f"{path}: cannot read image ({detail})") from None
 
 
 def coco_paths(root: str | Path, split: str) -> tuple[Path, Path]:
@@ -118,64 +170,103 @@ def coco_paths(root: str | Path, split: str) -> tuple[Path, Path]:
     return root / f"{split}2017", root / "annotations" / f"instances_{split}2017.json"
 
 
+def load_coco(annotation_file: str | Path) -> COCO:
+    """The annotation file, parsed and indexed by pycocotools. DatasetError naming it when it
+    is missing, not json, or not COCO's detection layout (every image with "id", "file_name",
+    "width" and "height")."""
+    annotation_file = Path(annotation_file)
+    if not annotation_file.is_file():
+        raise DatasetError(f"{annotation_file}: annotation file not found (expected COCO-format json)")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):   # pycocotools prints progress
+            coco = COCO(str(annotation_file))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{annotation_file}: not valid json ({e})") from None
+    except (KeyError, TypeError, AssertionError, AttributeError) as e:
+        raise DatasetError(f"{annotation_file}: not a COCO detection file (needs 'images', "
+                           f"'annotations' and 'categories'; failed on {e!r})") from None
+    for image_id, info in coco.imgs.items():
+        if not (isinstance(info.get("file_name"), str) and all(isinstance(info.get(k), int) and info[k] > 0
+                                                                for k in ("width", "height"))):
+            raise DatasetError(f"{annotation_file}: image {image_id} needs 'file_name' and positive integer "
+                               f"'width' and 'height' (found {json.dumps(info)[:120]})")
+    return coco
+
+
+def clean_annotations(coco: COCO, image_id: int, annotation_file: str | Path) -> tuple[np.ndarray, np.ndarray, Counter]:
+    """What training uses of one image's annotations: boxes (M, 4) absolute (x0, y0, x1, y1)
+    clipped to the image and labels (M,) (category ids), with a count of what happened to the
+    rest: "crowd" (left out, as in the official code), "clipped" (spilled past the image edge),
+    "no area" (zero or negative size, or outside the image: dropped). A malformed annotation
+    (a bbox that is not four numbers, a category id missing from 'categories') is a
+    DatasetError naming it."""
+    info, counts, boxes, labels = coco.imgs[image_id], Counter(), [], []
+    anns = coco.imgToAnns.get(image_id, [])
+    unknown = {a.get("category_id") for a in anns} - set(coco.cats)
+    if unknown:
+        raise DatasetError(f"{annotation_file}: image {image_id} uses category ids {sorted(unknown, key=str)} "
+                           f"missing from 'categories'")
+    for a in anns:
+        bbox = a.get("bbox")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and
+                all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)):
+            raise DatasetError(f"{annotation_file}: annotation {a.get('id')} of image {image_id} has bbox "
+                               f"{json.dumps(bbox)[:80]}; expected [x, y, width, height], four numbers")
+        if a.get("iscrowd", 0):
+            counts["crowd"] += 1
+            continue
+        x, y, w, h = bbox
+        box = [max(x, 0), max(y, 0), min(x + w, info["width"]), min(y + h, info["height"])]
+        if box[2] <= box[0] or box[3] <= box[1]:
+            counts["no area"] += 1
+            continue
+        counts["clipped"] += box != [x, y, x + w, y + h]
+        boxes.append(box)
+        labels.append(a["category_id"])
+    return np.array(boxes, dtype=np.float32).reshape(-1, 4), np.array(labels, dtype=np.int64), counts
+
+
 class CocoDetection(torch.utils.data.Dataset):
     """Images in `images_dir`, COCO-format annotations in `annotation_file`.
 
-    Crowd annotations are left out, as in the official code. Boxes are clipped to the image;
-    boxes with no area left are dropped and counted in one warning. Images without
-    annotations stay, as negatives. `subset`: keep the first N images, or N drawn with
-    `subset_seed`. `skip_bad_images`: unreadable images are skipped with a warning (the item
-    is None and `collate` leaves it out) instead of raising DatasetError."""
+    Annotations are cleaned by clean_annotations (crowd left out, boxes clipped to the image,
+    boxes with no area dropped and counted in one warning). Images without annotations stay,
+    as negatives. `subset`: keep the first N images, or N drawn with `subset_seed`.
+    `skip_bad_images`: missing or unreadable images are skipped with a warning (the item is
+    None and `collate` leaves it out) instead of raising DatasetError."""
 
     def __init__(self, images_dir, annotation_file, transforms=None, subset: int | None = None,
                  subset_seed: int | None = None, skip_bad_images: bool = False):
         self.images_dir, self.annotation_file = Path(images_dir), Path(annotation_file)
         if not self.images_dir.is_dir():
             raise DatasetError(f"{self.images_dir}: image folder not found")
-        if not self.annotation_file.is_file():
-            raise DatasetError(f"{self.annotation_file}: annotation file not found (expected COCO-format json)")
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):   # pycocotools prints progress
-                self.coco = COCO(str(self.annotation_file))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DatasetError(f"{self.annotation_file}: not valid json ({e})") from None
-        except (KeyError, TypeError, AssertionError) as e:
-            raise DatasetError(f"{self.annotation_file}: not a COCO detection file (needs 'images', "
-                               f"'annotations' and 'categories'; failed on {e!r})") from None
+        self.coco = load_coco(self.annotation_file)
         ids = sorted(self.coco.imgs)
         if subset is not None:
             ids = sorted(random.Random(subset_seed).sample(ids, min(subset, len(ids)))) if subset_seed is not None else ids[:subset]
+        missing = [i for i in ids if not (self.images_dir / self.coco.imgs[i]["file_name"]).is_file()]
+        if missing and not skip_bad_images:
+            raise DatasetError(f"{self.images_dir / self.coco.imgs[missing[0]]['file_name']}: listed in "
+                               f"{self.annotation_file.name} but not in the folder ({len(missing)} such images); "
+                               f"add them, or skip them with --skip-bad-images")
+        if missing:
+            warnings.warn(f"skipping {len(missing)} images listed in {self.annotation_file.name} but not in "
+                          f"{self.images_dir}", stacklevel=2)
+            ids = sorted(set(ids) - set(missing))
         if not ids:
             raise DatasetError(f"{self.annotation_file}: the dataset has no images")
         self.ids, self.transforms, self.skip_bad_images = ids, transforms, skip_bad_images
         self.category_names = {c["id"]: c["name"] for c in self.coco.dataset.get("categories", [])}
         self.num_classes = max(self.category_names, default=0) + 1
-        self.targets, dropped = {}, 0
+        self.targets, counts = {}, Counter()
         for image_id in ids:
-            boxes, labels, dropped_here = self._clean_annotations(image_id)
+            boxes, labels, image_counts = clean_annotations(self.coco, image_id, self.annotation_file)
             self.targets[image_id] = (boxes, labels)
-            dropped += dropped_here
-        if dropped:
-            warnings.warn(f"{self.annotation_file}: dropped {dropped} boxes with zero or negative size "
+            counts += image_counts
+        if counts["no area"]:
+            warnings.warn(f"{self.annotation_file}: dropped {counts['no area']} boxes with zero or negative size "
                           f"or outside their image", stacklevel=2)
         self.skipped = 0
-
-    def _clean_annotations(self, image_id: int) -> tuple[np.ndarray, np.ndarray, int]:
-        """Boxes (M, 4) absolute (x0, y0, x1, y1) clipped to the image, labels (M,), and how
-        many non-crowd annotations were dropped for having no area inside the image."""
-        info = self.coco.imgs[image_id]
-        anns = [a for a in self.coco.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
-        unknown = {a["category_id"] for a in anns} - set(self.category_names)
-        if unknown:
-            raise DatasetError(f"{self.annotation_file}: image {image_id} uses category ids {sorted(unknown)} "
-                               f"missing from 'categories'")
-        boxes = np.array([a["bbox"] for a in anns], dtype=np.float32).reshape(-1, 4)
-        boxes[:, 2:] += boxes[:, :2]                                         # xywh -> xyxy
-        boxes[:, 0::2] = boxes[:, 0::2].clip(0, info["width"])
-        boxes[:, 1::2] = boxes[:, 1::2].clip(0, info["height"])
-        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        labels = np.array([a["category_id"] for a in anns], dtype=np.int64)
-        return boxes[keep], labels[keep], int((~keep).sum())
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -183,12 +274,8 @@ class CocoDetection(torch.utils.data.Dataset):
     def load_image(self, image_id: int) -> Image.Image:
         """The image as RGB (grayscale, palette and RGBA are converted), size-checked."""
         info = self.coco.imgs[image_id]
-        path = self.images_dir / info["file_name"]
-        image = read_image(path)
-        if image.size != (info["width"], info["height"]):
-            raise DatasetError(f"{path}: image is {image.size[0]}x{image.size[1]} but {self.annotation_file.name} "
-                               f"says {info['width']}x{info['height']}")
-        return image
+        return read_image(self.images_dir / info["file_name"], (info["width"], info["height"]),
+                          annotation_file=self.annotation_file)
 
     def __getitem__(self, index: int):
         image_id = self.ids[index]
@@ -245,6 +332,119 @@ def prepare(images: list[Image.Image], image_size: int = 800) -> tuple[torch.Ten
                             *_to_normalized_tensor()])
     batch, mask, _ = collate([(transform(image.convert("RGB")), None) for image in images])
     return batch, mask
+
+
+# ----------------------------------------------------------------------------------------
+# Pictures of boxes, for people
+# ----------------------------------------------------------------------------------------
+
+
+def draw_boxes(image: Image.Image, boxes: list, texts: list[str], colour: tuple, title: str = "") -> Image.Image:
+    """A copy of `image` with absolute (x0, y0, x1, y1) boxes, each labelled with its text.
+    Images under 512 pixels are enlarged by a whole factor first, so that a 128-pixel image
+    still gets legible labels; labels sit above their box, or inside it at the top edge of the
+    picture, and never leave the picture. `title` goes in the top-left corner."""
+    scale = max(1, 512 // max(image.size))
+    image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    pen = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=max(12, round(max(image.size) / 40)))
+    line = max(2, round(max(image.size) / 250))
+
+    def label(x: float, y_above: float, y_inside: float, text: str, fill: tuple):
+        left, top, right, bottom = pen.textbbox((0, 0), text, font=font)
+        w, h = right - left + 4, bottom - top + 4
+        x = min(max(x, 0), image.width - w)
+        y = y_above - h if y_above - h >= 0 else min(max(y_inside, 0), image.height - h)
+        pen.rectangle([x, y, x + w, y + h], fill=fill)
+        pen.text((x + 2 - left, y + 2 - top), text, fill=(0, 0, 0) if sum(fill) > 380 else (255, 255, 255), font=font)
+
+    for (x0, y0, x1, y1), text in zip(boxes, texts):
+        x0, y0, x1, y1 = (v * scale for v in (x0, y0, x1, y1))
+        pen.rectangle([x0, y0, x1, y1], outline=colour, width=line)
+        label(x0, y0, y0, text, colour)
+    if title:
+        label(0, 0, 0, title, (255, 255, 255))
+    return image
+
+
+def side_by_side(left: Image.Image, right: Image.Image, gap: int = 8) -> Image.Image:
+    canvas = Image.new("RGB", (left.width + gap + right.width, max(left.height, right.height)), (255, 255, 255))
+    canvas.paste(left, (0, 0))
+    canvas.paste(right, (left.width + gap, 0))
+    return canvas
+
+
+
+# ----------------------------------------------------------------------------------------
+# The data doctor: what train.py would make of a dataset, before training on it.
+# ----------------------------------------------------------------------------------------
+
+
+def check_dataset(images_dir: str | Path, annotation_file: str | Path, draw: int = 0,
+                  out_dir: str | Path | None = None) -> list[str]:
+    """What train.py would make of a COCO-format dataset, as lines of a report: images, boxes,
+    categories and their ids, crowd, clipped and dropped boxes, empty images, missing,
+    unreadable or mis-sized files, categories without boxes, and whether training would stop.
+    Reads the whole annotation file and every image's header with the checks CocoDetection
+    uses (load_coco, clean_annotations, read_image). Draws the ground truth of the first
+    `draw` images into `out_dir`."""
+    images_dir, annotation_file = Path(images_dir), Path(annotation_file)
+    if not images_dir.is_dir():
+        raise DatasetError(f"{images_dir}: image folder not found")
+    coco = load_coco(annotation_file)
+    ids = sorted(coco.imgs)
+    names = {c["id"]: c["name"] for c in coco.dataset.get("categories", [])}
+    boxes_per_category, counts, modes, problems, targets, unusable = Counter(), Counter(), Counter(), {}, {}, set()
+    for image_id in ids:
+        info = coco.imgs[image_id]
+        try:
+            boxes, labels, image_counts = clean_annotations(coco, image_id, annotation_file)
+            targets[image_id] = (boxes, labels)
+            counts += image_counts
+            counts["boxes"] += len(labels)
+            counts["empty images"] += not len(labels)
+            boxes_per_category.update(labels.tolist())
+        except DatasetError as e:
+            problems.setdefault("malformed annotations", []).append(str(e))
+        path = images_dir / info["file_name"]
+        try:
+            modes[read_image(path, (info["width"], info["height"]), header_only=True,
+                             annotation_file=annotation_file).mode] += 1
+        except DatasetError as e:
+            kind = "missing files" if not path.is_file() else "mis-sized files" if "says" in str(e) else "unreadable files"
+            problems.setdefault(kind, []).append(str(e))
+            unusable.add(image_id)
+
+    report = [f"{annotation_file}: {len(ids)} images in {images_dir}",
+              f"  categories ({len(names)}): " + ", ".join(f"{i} {names[i]} ({boxes_per_category[i]} boxes)"
+                                                          for i in sorted(names)),
+              f"  the model gets max id + 1 = {max(names, default=0) + 1} class logits (ids are used as they are)",
+              f"  boxes: {counts['boxes']} used, {counts['clipped']} of them clipped at the image edge; "
+              f"{counts['crowd']} crowd (left out); {counts['no area']} with no area inside the image (dropped)",
+              f"  images: {len(targets) - counts['empty images']} with boxes, {counts['empty images']} without "
+              f"(kept as negatives); file modes {dict(modes)} (all read as RGB)"]
+    empty = [f"{i} {names[i]}" for i in sorted(names) if not boxes_per_category[i]]
+    if empty:
+        report.append(f"  categories without boxes: {', '.join(empty)} (the model can never learn them)")
+    for kind, messages in problems.items():
+        report.append(f"  {len(messages)} {kind}, e.g. {messages[0]}")
+    # in the order train.py meets them: at start-up, then when an image is loaded
+    order = ("missing files", "malformed annotations", "unreadable files", "mis-sized files")
+    first = next((problems[kind][0] for kind in order if kind in problems), None)
+    report.append(f"  train.py would stop at: {first}; " + ("fix the annotation file" if "malformed annotations" in problems
+                  else "--skip-bad-images skips missing, unreadable and mis-sized images")
+                  if first else "  train.py can use it as it is")
+    if draw:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        drawable = [i for i in ids if i in targets and i not in unusable]
+        for image_id in drawable[:draw]:
+            boxes, labels = targets[image_id]
+            draw_boxes(read_image(images_dir / coco.imgs[image_id]["file_name"]), boxes.tolist(),
+                       [names[int(c)] for c in labels], (60, 220, 60),
+                       coco.imgs[image_id]["file_name"]).save(out_dir / f"{image_id}.png")
+        report.append(f"  drew the ground truth of {len(drawable[:draw])} images into {out_dir}")
+    return report
 
 
 # ----------------------------------------------------------------------------------------
@@ -367,24 +567,45 @@ def ensure_shapes_dataset(out: str | Path, **kwargs) -> Path:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     shapes = sub.add_parser("shapes", help="write the synthetic shapes dataset in COCO layout")
     shapes.add_argument("--out", default="data/shapes", help="output folder (default: data/shapes)")
-    shapes.add_argument("--train", type=int, default=2000, help="number of training images")
-    shapes.add_argument("--val", type=int, default=300, help="number of validation images")
-    shapes.add_argument("--size", type=int, default=128, help="image side in pixels")
-    shapes.add_argument("--min-side", type=int, default=16, help="smallest shape side in pixels")
-    shapes.add_argument("--max-side", type=int, default=56, help="largest shape side in pixels")
+    shapes.add_argument("--train", type=positive_int, default=2000, help="number of training images")
+    shapes.add_argument("--val", type=positive_int, default=300, help="number of validation images")
+    shapes.add_argument("--size", type=positive_int, default=128, help="image side in pixels")
+    shapes.add_argument("--min-side", type=positive_int, default=16, help="smallest shape side in pixels")
+    shapes.add_argument("--max-side", type=positive_int, default=56, help="largest shape side in pixels")
     shapes.add_argument("--seed", type=int, default=0, help="random seed (same seed, same dataset)")
     shapes.add_argument("--classes", choices=["shapes", "colours"], default="shapes",
                         help="what the category is: the shape (ids 1-3) or the fill colour (ids 10, 20, 30, 40)")
+    check = sub.add_parser("check", help="what train.py would make of a COCO-format dataset (the first thing to run "
+                                          "when AP stays at 0)")
+    check.add_argument("paths", nargs="+", metavar="PATH",
+                       help="a COCO-layout folder (train2017/, val2017/, annotations/), or an image folder and its json")
+    check.add_argument("--draw", type=int, default=8, help="draw the ground truth of this many images per split")
+    check.add_argument("--out", help="where to draw them (default: runs/check, numbered if it exists)")
     args = parser.parse_args()
     start = time.time()
-    make_shapes_dataset(args.out, args.train, args.val, args.size, args.min_side, args.max_side, args.seed,
-                        args.classes)
-    print(f"wrote {args.train} training and {args.val} validation images to {args.out} in {time.time() - start:.1f} s")
+    if args.command == "shapes":
+        if not args.min_side <= args.max_side <= args.size:
+            parser.error(f"need --min-side <= --max-side <= --size, got {args.min_side}, {args.max_side}, {args.size}")
+        make_shapes_dataset(args.out, args.train, args.val, args.size, args.min_side, args.max_side, args.seed,
+                            args.classes)
+        print(f"wrote {args.train} training and {args.val} validation images to {args.out} in {time.time() - start:.1f} s")
+        return
+    if len(args.paths) == 1:
+        splits = {split: coco_paths(args.paths[0], split) for split in ("train", "val")}
+    elif len(args.paths) == 2:
+        splits = {Path(args.paths[1]).stem: args.paths}
+    else:
+        parser.error("check takes a COCO-layout folder, or an image folder and its annotation json")
+    out = Path(args.out) if args.out else unused_dir("runs/check")
+    for split, (images_dir, annotation_file) in splits.items():
+        print("\n".join(check_dataset(images_dir, annotation_file, args.draw, out / split)))
+    print(f"checked in {time.time() - start:.1f} s")
 
 
 if __name__ == "__main__":
-    main()
+    with report_input_errors():
+        main()

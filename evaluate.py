@@ -17,12 +17,11 @@ import argparse
 import contextlib
 import io
 import json
-import sys
 import warnings
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from pycocotools.cocoeval import COCOeval
 from torchvision.ops import box_convert
 
@@ -55,14 +54,16 @@ def predict(model: cdetr.ConditionalDETR, loader, device, amp: bool = False) -> 
     return detections
 
 
-def coco_metrics(coco_gt, detections: list[dict], image_ids: list[int]) -> dict[str, float]:
-    """The 12 COCO box metrics of `detections` on `image_ids`, printing the AP table.
+def coco_metrics(coco_gt, detections: list[dict], image_ids: list[int]) -> dict:
+    """The 12 COCO box metrics of `detections` on `image_ids` (METRICS), and "AP_per_class":
+    {class name: AP, or None for a class with no box in these images}; prints both tables.
     Returns zeros, with a message, when nothing was detected."""
     known = set(coco_gt.getCatIds())
+    names = {c: coco_gt.cats[c]["name"] for c in sorted(known)}
     detections = [dict(d) for d in detections if d["category_id"] in known]   # loadRes edits them in place
     if not detections:
         print("evaluation: the model predicted no box of a known category; every metric is 0")
-        return dict.fromkeys(METRICS, 0.0)
+        return dict.fromkeys(METRICS, 0.0) | {"AP_per_class": dict.fromkeys(names.values(), 0.0)}
     with contextlib.redirect_stdout(io.StringIO()):
         coco_dt = coco_gt.loadRes(detections)
         evaluator = COCOeval(coco_gt, coco_dt, "bbox")
@@ -72,43 +73,17 @@ def coco_metrics(coco_gt, detections: list[dict], image_ids: list[int]) -> dict[
     table = io.StringIO()
     with contextlib.redirect_stdout(table):
         evaluator.summarize()
-    print(table.getvalue(), end="")
-    return {name: float(value) for name, value in zip(METRICS, evaluator.stats)}
-
-
-def draw_boxes(image: Image.Image, boxes: list, texts: list[str], colour: tuple, title: str = "") -> Image.Image:
-    """A copy of `image` with absolute (x0, y0, x1, y1) boxes, each labelled with its text.
-    Images under 512 pixels are enlarged by a whole factor first, so that a 128-pixel image
-    still gets legible labels; labels sit above their box, or inside it at the top edge of the
-    picture, and never leave the picture. `title` goes in the top-left corner."""
-    scale = max(1, 512 // max(image.size))
-    image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-    pen = ImageDraw.Draw(image)
-    font = ImageFont.load_default(size=max(12, round(max(image.size) / 40)))
-    line = max(2, round(max(image.size) / 250))
-
-    def label(x: float, y_above: float, y_inside: float, text: str, fill: tuple):
-        left, top, right, bottom = pen.textbbox((0, 0), text, font=font)
-        w, h = right - left + 4, bottom - top + 4
-        x = min(max(x, 0), image.width - w)
-        y = y_above - h if y_above - h >= 0 else min(max(y_inside, 0), image.height - h)
-        pen.rectangle([x, y, x + w, y + h], fill=fill)
-        pen.text((x + 2 - left, y + 2 - top), text, fill=(0, 0, 0) if sum(fill) > 380 else (255, 255, 255), font=font)
-
-    for (x0, y0, x1, y1), text in zip(boxes, texts):
-        x0, y0, x1, y1 = (v * scale for v in (x0, y0, x1, y1))
-        pen.rectangle([x0, y0, x1, y1], outline=colour, width=line)
-        label(x0, y0, y0, text, colour)
-    if title:
-        label(0, 0, 0, title, (255, 255, 255))
-    return image
-
-
-def side_by_side(left: Image.Image, right: Image.Image, gap: int = 8) -> Image.Image:
-    canvas = Image.new("RGB", (left.width + gap + right.width, max(left.height, right.height)), (255, 255, 255))
-    canvas.paste(left, (0, 0))
-    canvas.paste(right, (left.width + gap, 0))
-    return canvas
+    # precision (IoU thresholds, recall points, classes, areas, max detections): area "all",
+    # 100 detections, averaged over IoU and recall like AP itself; -1 marks "no ground truth"
+    precision = evaluator.eval["precision"][:, :, :, 0, -1]
+    per_class = {}
+    for k, category in enumerate(evaluator.params.catIds):
+        values = precision[:, :, k][precision[:, :, k] > -1]
+        per_class[names[category]] = float(values.mean()) if values.size else None
+    cells = [f"{name[:18]:>18} {'  -  ' if ap is None else f'{ap:.3f}'}" for name, ap in per_class.items()]
+    print(table.getvalue() + "AP per class (IoU 0.50:0.95, all areas; - : no box of it in these images)\n" +
+          "\n".join("  ".join(cells[i:i + 4]) for i in range(0, len(cells), 4)))
+    return {name: float(value) for name, value in zip(METRICS, evaluator.stats)} | {"AP_per_class": per_class}
 
 
 def detection_picture(image: Image.Image, detections: list[dict], names: dict[int, str], threshold: float,
@@ -118,7 +93,7 @@ def detection_picture(image: Image.Image, detections: list[dict], names: dict[in
     kept = [d for d in detections if d["score"] >= threshold]
     boxes = [(x, y, x + w, y + h) for x, y, w, h in (d["bbox"] for d in kept)]
     texts = [f"{names.get(d['category_id'], d['category_id'])} {d['score']:.2f}" for d in kept]
-    return draw_boxes(image, boxes, texts, (255, 60, 60), title)
+    return data.draw_boxes(image, boxes, texts, (255, 60, 60), title)
 
 
 def draw_with_ground_truth(dataset: data.CocoDetection, detections: list[dict], out_dir: Path, count: int,
@@ -133,12 +108,12 @@ def draw_with_ground_truth(dataset: data.CocoDetection, detections: list[dict], 
     for image_id in dataset.ids[:count]:
         image = dataset.load_image(image_id)
         boxes, labels = dataset.targets[image_id]
-        truth = draw_boxes(image, boxes.tolist(), [dataset.category_names[int(c)] for c in labels],
+        truth = data.draw_boxes(image, boxes.tolist(), [dataset.category_names[int(c)] for c in labels],
                            (60, 220, 60), "ground truth")
         found = detection_picture(image, by_image.get(image_id, []), dataset.category_names, threshold,
                                   f"detections >= {threshold}")
         paths.append(out_dir / f"{image_id}.png")
-        side_by_side(truth, found).save(paths[-1])
+        data.side_by_side(truth, found).save(paths[-1])
     return paths
 
 
@@ -191,6 +166,8 @@ def load_model(source: str, preset: str | None) -> tuple[cdetr.ConditionalDETR, 
     counts the weights have. Also the Pretrained record and the class names: the dataset's
     for our checkpoints, COCO's for 91-class weights without names. Raises WeightsError."""
     pretrained = cdetr.load_pretrained(source)
+    if "class_embed.bias" not in pretrained.state_dict or "query_embed.weight" not in pretrained.state_dict:
+        raise cdetr.WeightsError(f"{source}: no class head or object queries in the weights")
     cfg = pretrained.config or cdetr.preset(
         preset or "r50", num_classes=pretrained.state_dict["class_embed.bias"].shape[0],
         num_queries=pretrained.state_dict["query_embed.weight"].shape[0])
@@ -204,17 +181,8 @@ def load_model(source: str, preset: str | None) -> tuple[cdetr.ConditionalDETR, 
     return model.eval(), pretrained, names
 
 
-def unused_dir(path: str | Path) -> Path:
-    """`path` if it does not exist yet, else the first free `path-2`, `path-3`, ..."""
-    path, n = Path(path), 2
-    candidate = path
-    while candidate.exists():
-        candidate, n = path.with_name(f"{path.name}-{n}"), n + 1
-    return candidate
-
-
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = data.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", "--checkpoint", "--official-checkpoint", required=True, metavar="SOURCE",
                         help="a checkpoint of train.py, an official or Hugging Face file, a model-zoo name (r50, "
                              "r50-dc5, r101, r101-dc5) or a Hugging Face repo id (--checkpoint and "
@@ -226,15 +194,15 @@ def main():
     parser.add_argument("--coco-path", help="COCO-layout folder; val2017 is evaluated")
     parser.add_argument("--images", help="image folder of a COCO-format dataset (with --annotations)")
     parser.add_argument("--annotations", help="COCO-format annotation json (with --images)")
-    parser.add_argument("--image-size", type=int, help="shorter side at test time (default: the model's, 800 for COCO)")
-    parser.add_argument("--subset", type=int, help="evaluate the first N images only")
+    parser.add_argument("--image-size", type=data.positive_int, help="shorter side at test time (default: the model's, 800 for COCO)")
+    parser.add_argument("--subset", type=data.positive_int, help="evaluate the first N images only")
     parser.add_argument("--output", help="folder for detections.json and pictures "
                                          "(default: runs/detect or runs/evaluate, numbered if it exists)")
     parser.add_argument("--visualize", type=int, default=0, metavar="N",
                         help="draw ground truth and detections side by side for N images")
     parser.add_argument("--threshold", type=float, default=0.3, help="score threshold for the pictures and --detect")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=data.positive_int, default=8)
+    parser.add_argument("--num-workers", type=int, choices=range(0, 65), metavar="N", default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA)")
     args = parser.parse_args()
@@ -244,7 +212,7 @@ def main():
     try:
         model, pretrained, names = load_model(args.weights, args.preset)
     except cdetr.WeightsError as e:
-        sys.exit(f"error: --weights {e}")
+        raise cdetr.WeightsError(f"--weights {e}") from None
     image_size = args.image_size or model.cfg.image_size
     device = torch.device(args.device)
     model.to(device)
@@ -252,12 +220,9 @@ def main():
           f"{model.cfg.num_classes} class logits, image size {image_size}")
 
     if args.detect:
-        out_dir = Path(args.output) if args.output else unused_dir("runs/detect")
-        try:
-            detections = detect(model, image_files(args.detect), names, out_dir, args.threshold, image_size, device,
-                                args.amp)
-        except data.DatasetError as e:
-            sys.exit(f"error: {e}")
+        out_dir = Path(args.output) if args.output else data.unused_dir("runs/detect")
+        detections = detect(model, image_files(args.detect), names, out_dir, args.threshold, image_size, device,
+                            args.amp)
         (out_dir / "detections.json").write_text(json.dumps(detections, indent=1))
         print(f"wrote {len(detections)} detections to {out_dir / 'detections.json'} and the pictures to {out_dir}")
         return detections
@@ -270,11 +235,7 @@ def main():
         images_dir, annotation_file = pretrained.train_args["val_images"], pretrained.train_args["val_annotations"]
     else:
         parser.error("say which data to evaluate on: --coco-path, --images/--annotations, or --detect")
-    try:
-        dataset = data.build_dataset(images_dir, annotation_file, train=False, image_size=image_size,
-                                     subset=args.subset)
-    except data.DatasetError as e:
-        sys.exit(f"error: {e}")
+    dataset = data.build_dataset(images_dir, annotation_file, train=False, image_size=image_size, subset=args.subset)
     if dataset.num_classes > model.cfg.num_classes:
         warnings.warn(f"{annotation_file} has category ids up to {dataset.num_classes - 1} but the model "
                       f"predicts only {model.cfg.num_classes} classes")
@@ -283,10 +244,11 @@ def main():
     detections = predict(model, loader, device, args.amp)
     metrics = coco_metrics(dataset.coco, detections, dataset.ids)
 
-    out_dir = Path(args.output) if args.output else unused_dir("runs/evaluate")
+    out_dir = Path(args.output) if args.output else data.unused_dir("runs/evaluate")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "detections.json").write_text(json.dumps(detections))
-    print(f"wrote {len(detections)} detections to {out_dir / 'detections.json'}")
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    print(f"wrote {len(detections)} detections to {out_dir / 'detections.json'} and the metrics to metrics.json")
     if args.visualize:
         paths = draw_with_ground_truth(dataset, detections, out_dir / "visualize", args.visualize, args.threshold)
         print(f"drew ground truth and detections on {len(paths)} images in {out_dir / 'visualize'}")
@@ -294,4 +256,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with data.report_input_errors():
+        main()

@@ -6,7 +6,9 @@
     python train.py --coco-path /data/mine --init-from r50 --epochs 12 --lr 2e-5   # fine-tune COCO weights
 
 Each epoch trains, evaluates COCO AP on the validation set, appends a line to
-<output-dir>/log.jsonl and writes <output-dir>/checkpoint.pth (and best.pth when AP improves).
+<output-dir>/log.jsonl, redraws <output-dir>/curves.png and writes <output-dir>/checkpoint.pth
+(and best.pth when AP improves). A run never overwrites another: the default output folder
+is numbered (runs/train, runs/train-2, ...) and an explicit one that holds a run is refused.
 Checkpoints hold the model, optimizer, scheduler, epoch, config, category names and RNG states
 (plain tensors, numbers and strings), are written atomically, and `--resume` continues a run
 exactly. `--init-from` takes weights only (ours, official, Hugging Face, a model-zoo name) and
@@ -34,7 +36,7 @@ from evaluate import coco_metrics, predict
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = data.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = p.add_argument_group("data (default: the built-in shapes dataset, generated on first use)")
     d.add_argument("--coco-path", help="COCO-layout folder: train2017/, val2017/, annotations/instances_*2017.json")
     d.add_argument("--train-images", help="training image folder of a COCO-format dataset")
@@ -42,28 +44,31 @@ def parse_args(argv=None):
     d.add_argument("--val-images", help="validation image folder")
     d.add_argument("--val-annotations", help="validation annotation json")
     d.add_argument("--shapes-dir", default="data/shapes", help="where the built-in shapes dataset lives")
-    d.add_argument("--subset", type=int, help="train on N training images only")
+    d.add_argument("--subset", type=data.positive_int, help="train on N training images only")
     d.add_argument("--subset-seed", type=int, help="draw the --subset images at random with this seed (default: the first N)")
-    d.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images with a warning instead of stopping")
+    d.add_argument("--skip-bad-images", action="store_true",
+                   help="skip missing and unreadable images with a warning instead of stopping")
     m = p.add_argument_group("model and optimisation (defaults come from the preset)")
     m.add_argument("--preset", choices=sorted(cdetr.PRESETS),
                    help="recipe from cdetr.PRESETS (default: tiny for the shapes data, r50 otherwise)")
     m.add_argument("--decoder", choices=["conditional", "detr"], help="conditional (the paper) or the DETR baseline")
     m.add_argument("--pretrained-backbone", action="store_true", help="start the backbone from ImageNet weights (downloads)")
-    m.add_argument("--epochs", type=int)
-    m.add_argument("--batch-size", type=int, help="images per process and step")
+    m.add_argument("--epochs", type=data.positive_int, help="epochs to train (with --resume: the new total)")
+    m.add_argument("--batch-size", type=data.positive_int, help="images per process and step")
     m.add_argument("--lr", type=float, help="learning rate of the transformer and heads")
     m.add_argument("--lr-backbone", type=float, help="learning rate of the backbone")
-    m.add_argument("--image-size", type=int, help="validation shorter side; training sizes scale with it")
-    m.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+    m.add_argument("--image-size", type=data.positive_int, help="validation shorter side; training sizes scale with it")
+    m.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="override any cdetr.Config field, e.g. --set hidden_dim=128 dec_layers=3")
     r = p.add_argument_group("running")
     r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     r.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA)")
-    r.add_argument("--num-workers", type=int,
+    r.add_argument("--num-workers", type=int, choices=range(0, 65), metavar="N",
                    help="data-loading processes (default: 0 on a CPU, where they would compete with the model for cores; 4 on CUDA)")
     r.add_argument("--seed", type=int, default=42)
-    r.add_argument("--output-dir", default="runs/train", help="log.jsonl and checkpoints go here")
+    r.add_argument("--output-dir", help="where log.jsonl, curves.png and the checkpoints go; must not hold a run "
+                                        "already (default: runs/train, numbered if it exists; with --resume: the "
+                                        "checkpoint's folder)")
     start = r.add_mutually_exclusive_group()
     start.add_argument("--resume", help="checkpoint of train.py to continue from (its config wins over the flags above)")
     start.add_argument("--init-from", metavar="SOURCE",
@@ -72,7 +77,7 @@ def parse_args(argv=None):
                             "id. The architecture is the checkpoint's own config if it has one, else --preset; a class "
                             "head of another size is re-created. Fine-tuning: a lower --lr, and --set train_backbone=none "
                             "to freeze the backbone")
-    r.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
+    r.add_argument("--eval-every", type=data.positive_int, default=1, help="evaluate every N epochs (and after the last)")
     return p.parse_args(argv)
 
 
@@ -83,12 +88,16 @@ def make_config(args, base: cdetr.Config) -> cdetr.Config:
     if args.pretrained_backbone:
         overrides["pretrained_backbone"] = True
     types = {f.name: f.type for f in fields(cdetr.Config)}
+    booleans = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
     for item in args.set:
-        key, _, value = item.partition("=")
-        if key not in types:
-            sys.exit(f"--set {item}: Config has no field {key!r}")
-        cast = (lambda v: v.lower() in ("1", "true", "yes")) if types[key] is bool else types[key]
-        overrides[key] = cast(value)
+        key, equals, value = item.partition("=")
+        if not equals or key not in types:
+            raise cdetr.ConfigError(f"--set {item}: " + ("expected KEY=VALUE" if not equals else
+                                    f"Config has no field {key!r}; the fields are {', '.join(types)}"))
+        try:
+            overrides[key] = booleans[value.lower()] if types[key] is bool else types[key](value)
+        except (KeyError, ValueError):
+            raise cdetr.ConfigError(f"--set {item}: {key} takes a {types[key].__name__}, not {value!r}") from None
     return replace(base, **overrides)
 
 
@@ -130,6 +139,66 @@ def warn_about_changed_flags(args, stored: dict):
                   f"resumed ({effect})")
 
 
+RUN_FILES = ("log.jsonl", "checkpoint.pth", "best.pth")
+
+
+def output_folder(args) -> Path:
+    """Where this run writes. --resume continues in the checkpoint's folder unless told
+    otherwise; a fresh run takes --output-dir if it holds no run yet, or else the first unused
+    runs/train, runs/train-2, ...: no run ever overwrites another."""
+    if args.output_dir is None:
+        return Path(args.resume).parent if args.resume else data.unused_dir("runs/train")
+    folder = Path(args.output_dir)
+    held = [name for name in RUN_FILES if (folder / name).exists()]
+    if held and not (args.resume and folder.resolve() == Path(args.resume).resolve().parent):
+        raise cdetr.InputError(f"--output-dir {folder}: already holds a run ({', '.join(held)}); continue it with "
+                               f"--resume {folder / 'checkpoint.pth'}, or choose a folder that holds none")
+    return folder
+
+
+def resume_command(checkpoint: Path) -> str:
+    """This command line, made to continue from `checkpoint`."""
+    argv, kept = sys.argv[1:], []
+    while argv:
+        flag = argv.pop(0)
+        if flag in ("--resume", "--init-from", "--output-dir"):
+            argv.pop(0) if argv else None
+        elif not flag.startswith(("--resume=", "--init-from=", "--output-dir=")):
+            kept.append(flag)
+    return " ".join(["python", sys.argv[0], *kept, "--resume", str(checkpoint)])
+
+
+def plot_curves(history: list[dict], path: Path):
+    """curves.png: the training losses and the validation AP per epoch (Agg backend, no screen)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(epochs, [r["train_loss"] for r in history], marker="o", ms=3)
+    axes[0].set_title("weighted total loss (all decoder layers)")
+    for term in ("loss_ce", "loss_bbox", "loss_giou"):
+        axes[1].plot(epochs, [r[f"train_{term}"] for r in history], marker="o", ms=3, label=f"{term}, last layer")
+        earlier = [k for k in history[-1] if k.startswith(f"train_{term}_")]
+        if earlier:
+            axes[1].plot(epochs, [sum(r[k] for k in earlier) / len(earlier) for r in history], ls="--",
+                         color=axes[1].lines[-1].get_color(), label=f"{term}, earlier layers (mean)")
+    axes[1].set_title("unweighted loss terms")
+    axes[1].legend(fontsize=7)
+    evaluated = [r for r in history if "AP" in r]
+    for metric in ("AP", "AP50", "AP75"):
+        axes[2].plot([r["epoch"] for r in evaluated], [r[metric] for r in evaluated], marker="o", ms=3, label=metric)
+    axes[2].set_title("validation")
+    axes[2].legend(fontsize=7)
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def main(argv=None):
     args = parse_args(argv)
 
@@ -144,6 +213,11 @@ def main(argv=None):
     main_process = rank == 0
     if args.num_workers is None:
         args.num_workers = 0 if device.type == "cpu" else 4
+    output_dir = [output_folder(args) if main_process else None]
+    if distributed:   # every process writes its messages about the folder the main process chose
+        dist.broadcast_object_list(output_dir, src=0)
+    output_dir = output_dir[0]
+    args.output_dir = str(output_dir)
 
     # --- data
     default_preset = "r50"
@@ -159,22 +233,21 @@ def main(argv=None):
             map(str, data.coco_paths(args.shapes_dir, "train")), map(str, data.coco_paths(args.shapes_dir, "val")))
         default_preset = "tiny"
     if not (args.train_annotations and args.val_images and args.val_annotations):
-        sys.exit("error: give --coco-path, or all of --train-images --train-annotations --val-images --val-annotations")
+        raise cdetr.InputError("--train-images: give --coco-path, or all of --train-images --train-annotations "
+                               "--val-images --val-annotations")
 
-    checkpoint = pretrained = None
     try:
-        if args.resume:
-            checkpoint = cdetr.read_checkpoint(args.resume)
-            if not isinstance(checkpoint, dict) or not {"model", "optimizer", "config", "rng"} <= set(checkpoint):
-                sys.exit(f"error: --resume {args.resume}: not a checkpoint written by train.py (no optimizer state); "
-                         f"to start from its weights, use --init-from")
-        if args.init_from:
-            pretrained = cdetr.load_pretrained(args.init_from)
+        checkpoint = cdetr.read_checkpoint(args.resume) if args.resume else None
+        pretrained = cdetr.load_pretrained(args.init_from) if args.init_from else None
     except cdetr.WeightsError as e:
-        sys.exit(f"error: --{'resume' if args.resume else 'init-from'} {e}")
+        raise cdetr.WeightsError(f"--{'resume' if args.resume else 'init-from'} {e}") from None
+    if checkpoint is not None and not (isinstance(checkpoint, dict) and
+                                       {"model", "optimizer", "config", "rng", "args"} <= set(checkpoint)):
+        raise cdetr.WeightsError(f"--resume {args.resume}: not a checkpoint written by train.py (no optimizer "
+                                 f"state); to start from its weights, use --init-from")
     if checkpoint:
         warn_about_changed_flags(args, checkpoint["args"])
-        cfg = replace(cdetr.Config(**checkpoint["config"]), epochs=args.epochs or checkpoint["config"]["epochs"])
+        cfg = replace(cdetr.checkpoint_config(checkpoint, args.resume), epochs=args.epochs or checkpoint["config"]["epochs"])
         origin = f"the config of {args.resume}"
     elif pretrained and pretrained.config and not args.preset:
         cfg = make_config(args, pretrained.config)     # the architecture the weights were trained with
@@ -186,13 +259,10 @@ def main(argv=None):
     torch.manual_seed(args.seed + rank)
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
-    try:
-        train_set = data.build_dataset(args.train_images, args.train_annotations, train=True, image_size=cfg.image_size,
-                                       subset=args.subset, subset_seed=args.subset_seed, skip_bad_images=args.skip_bad_images)
-        val_set = data.build_dataset(args.val_images, args.val_annotations, train=False, image_size=cfg.image_size,
-                                     skip_bad_images=args.skip_bad_images)
-    except data.DatasetError as e:
-        sys.exit(f"error: {e}")
+    train_set = data.build_dataset(args.train_images, args.train_annotations, train=True, image_size=cfg.image_size,
+                                   subset=args.subset, subset_seed=args.subset_seed, skip_bad_images=args.skip_bad_images)
+    val_set = data.build_dataset(args.val_images, args.val_annotations, train=False, image_size=cfg.image_size,
+                                 skip_bad_images=args.skip_bad_images)
     if not checkpoint and not any(s.startswith("num_classes=") for s in args.set):
         cfg = replace(cfg, num_classes=train_set.num_classes)
     args.image_size = cfg.image_size
@@ -203,7 +273,8 @@ def main(argv=None):
         try:
             new_head = cdetr.load_weights(model, pretrained.state_dict, new_class_head=True)
         except cdetr.WeightsError as e:
-            sys.exit(f"error: --init-from {args.init_from}: {e} (the model was built from {origin} and the flags)")
+            raise cdetr.WeightsError(f"--init-from {args.init_from}: {e} (the model was built from {origin} and "
+                                     f"the flags)") from None
         if main_process:
             print(f"initialised from {args.init_from} ({pretrained.format})")
             if new_head:
@@ -232,7 +303,6 @@ def main(argv=None):
         trained_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    output_dir = Path(args.output_dir)
     if main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         n_params = sum(p.numel() for p in model.parameters())
@@ -242,76 +312,88 @@ def main(argv=None):
     val_loader = torch.utils.data.DataLoader(val_shard, batch_size=cfg.batch_size * 2, num_workers=args.num_workers,
                                              collate_fn=data.collate)
 
-    for epoch in range(start_epoch, cfg.epochs):
-        # --- one epoch of training. The data order depends only on (seed, epoch), so that
-        # a resumed run sees the same batches as an uninterrupted one.
-        order = torch.Generator().manual_seed(args.seed * 1000 + epoch)
-        if distributed:
-            sampler = torch.utils.data.DistributedSampler(train_set, seed=args.seed, drop_last=True)
-            sampler.set_epoch(epoch)
-        else:
-            sampler = torch.utils.data.RandomSampler(train_set, generator=order)
-        loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                                             num_workers=args.num_workers, collate_fn=data.collate, generator=order)
-        trained_model.train()
-        sums, steps, start = {}, 0, time.time()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not main_process, dynamic_ncols=True)
-        for images, mask, targets in bar:
-            targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-                outputs = trained_model(images.to(device), mask.to(device))
-            losses = criterion(outputs, targets)
-            loss_value = losses["loss"].item()
-            if not math.isfinite(loss_value):
-                terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-                sys.exit(f"error: non-finite loss at epoch {epoch + 1}, step {steps + 1}: {terms}\n"
-                         f"stopping; the last good checkpoint is {output_dir / 'checkpoint.pth'}")
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            if cfg.clip_max_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_max_norm)
-            optimizer.step()
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + v.detach()
-            steps += 1
-            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}")
-        scheduler.step()
-        totals = torch.stack(list(sums.values())) / max(steps, 1)
-        if distributed:   # average the logged losses over processes
-            dist.all_reduce(totals)
-            totals /= world_size
-        record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-                  **{f"train_{k}": round(v, 5) for k, v in zip(sums, totals.tolist())},
-                  "epoch_time": round(time.time() - start, 1)}
-
-        # --- evaluation: every process predicts its shard, the main process scores them all
-        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == cfg.epochs:
-            start = time.time()
-            detections = predict(model, val_loader, device, args.amp)
+    epoch, steps = start_epoch, 0
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            # --- one epoch of training. The data order depends only on (seed, epoch), so that
+            # a resumed run sees the same batches as an uninterrupted one.
+            order = torch.Generator().manual_seed(args.seed * 1000 + epoch)
             if distributed:
-                gathered = [None] * world_size
-                dist.all_gather_object(gathered, detections)
-                detections = [d for part in gathered for d in part]
-            if main_process:
-                print(f"epoch {epoch + 1}: validation")
-                record.update(coco_metrics(val_set.coco, detections, val_set.ids))
-                record["eval_time"] = round(time.time() - start, 1)
+                sampler = torch.utils.data.DistributedSampler(train_set, seed=args.seed, drop_last=True)
+                sampler.set_epoch(epoch)
+            else:
+                sampler = torch.utils.data.RandomSampler(train_set, generator=order)
+            loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                                                 num_workers=args.num_workers, collate_fn=data.collate, generator=order)
+            trained_model.train()
+            sums, steps, start = {}, 0, time.time()
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not main_process, dynamic_ncols=True)
+            for images, mask, targets in bar:
+                targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+                    outputs = trained_model(images.to(device), mask.to(device))
+                losses = criterion(outputs, targets)
+                loss_value = losses["loss"].item()
+                if not math.isfinite(loss_value):
+                    terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+                    sys.exit(f"error: non-finite loss at epoch {epoch + 1}, step {steps + 1}: {terms}; stopped, the "
+                             f"last good checkpoint is {output_dir / 'checkpoint.pth'} (try a lower --lr, and "
+                             f"python data.py check on the data)")
+                optimizer.zero_grad(set_to_none=True)
+                losses["loss"].backward()
+                if cfg.clip_max_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_max_norm)
+                optimizer.step()
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + v.detach()
+                steps += 1
+                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}")
+            scheduler.step()
+            totals = torch.stack(list(sums.values())) / max(steps, 1)
+            if distributed:   # average the logged losses over processes
+                dist.all_reduce(totals)
+                totals /= world_size
+            record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+                      **{f"train_{k}": round(v, 5) for k, v in zip(sums, totals.tolist())},
+                      "epoch_time": round(time.time() - start, 1)}
 
-        # --- log and checkpoint (main process only)
+            # --- evaluation: every process predicts its shard, the main process scores them all
+            if (epoch + 1) % args.eval_every == 0 or epoch + 1 == cfg.epochs:
+                start = time.time()
+                detections = predict(model, val_loader, device, args.amp)
+                if distributed:
+                    gathered = [None] * world_size
+                    dist.all_gather_object(gathered, detections)
+                    detections = [d for part in gathered for d in part]
+                if main_process:
+                    print(f"epoch {epoch + 1}: validation")
+                    record.update(coco_metrics(val_set.coco, detections, val_set.ids))
+                    record["eval_time"] = round(time.time() - start, 1)
+
+            # --- log and checkpoint (main process only)
+            if main_process:
+                with open(output_dir / "log.jsonl", "a") as log:
+                    log.write(json.dumps(record) + "\n")
+                plot_curves([json.loads(line) for line in open(output_dir / "log.jsonl")], output_dir / "curves.png")
+                improved = record.get("AP", -1.0) > best_ap
+                best_ap = max(best_ap, record.get("AP", -1.0))
+                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "lr_scheduler": scheduler.state_dict(), "epoch": epoch, "config": asdict(cfg),
+                         "category_names": train_set.category_names, "args": dict(vars(args)), "best_ap": best_ap,
+                         "rng": rng_states()}
+                save_atomically(state, output_dir / "checkpoint.pth")
+                if improved:
+                    save_atomically(state, output_dir / "best.pth")
+            if distributed:
+                dist.barrier()
+
+    except KeyboardInterrupt:
         if main_process:
-            with open(output_dir / "log.jsonl", "a") as log:
-                log.write(json.dumps(record) + "\n")
-            improved = record.get("AP", -1.0) > best_ap
-            best_ap = max(best_ap, record.get("AP", -1.0))
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "lr_scheduler": scheduler.state_dict(), "epoch": epoch, "config": asdict(cfg),
-                     "category_names": train_set.category_names, "args": dict(vars(args)), "best_ap": best_ap,
-                     "rng": rng_states()}
-            save_atomically(state, output_dir / "checkpoint.pth")
-            if improved:
-                save_atomically(state, output_dir / "best.pth")
-        if distributed:
-            dist.barrier()
+            saved = output_dir / "checkpoint.pth"
+            print(f"\ninterrupted in epoch {epoch + 1}, step {steps}; " + (
+                f"the last finished epoch is saved in {saved}; continue with\n  {resume_command(saved)}"
+                if saved.exists() else "no epoch had finished, so nothing was saved"))
+        sys.exit(130)
 
     if main_process:
         history = [json.loads(line) for line in open(output_dir / "log.jsonl")] if (output_dir / "log.jsonl").exists() else []
@@ -322,4 +404,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with data.report_input_errors():
+        main()

@@ -85,8 +85,8 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(shapes, tmp_path):
     good = (out / "checkpoint.pth").read_bytes()
     state = torch.load(out / "checkpoint.pth", weights_only=True)
     state["model"]["class_embed.bias"][:] = float("nan")
-    torch.save(state, tmp_path / "broken.pth")
-    result = train_run(shapes, out, "--epochs", "2", "--resume", tmp_path / "broken.pth", check=False)
+    torch.save(state, out / "broken.pth")      # --resume continues in the checkpoint's own folder
+    result = run("train.py", "--shapes-dir", shapes, *TINY, "--epochs", "2", "--resume", out / "broken.pth", check=False)
     assert result.returncode != 0
     assert "non-finite loss at epoch 2, step 1" in result.stderr and "loss_ce=nan" in result.stderr
     assert (out / "checkpoint.pth").read_bytes() == good
