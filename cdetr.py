@@ -6,8 +6,17 @@ ICCV 2021, arXiv 2108.06152. Given the same weights it computes what the officia
 load through `convert_official_state_dict`.
 
 Two kinds of comment:
-    # [paper §3.3] ...   what the paper says the next lines do (paraphrased), by section
-    # [ours] ...         our own remark: an implementation detail, a quirk, a reason
+    # [paper §3.3, Eq. (3)] ...   what the paper says the next lines do (paraphrased)
+    # [ours] ...                  our own remark: an implementation detail, a quirk, a reason
+Sections, equations, figures and tables are numbered as in the arXiv version (v3).
+
+The paper's notation, used throughout
+    o_q   object query (learned, one per query)    f     decoder embedding (a layer's input)
+    c_q   content query (from f)                   c_k   content key (encoder output)
+    p_k   spatial key: sine embedding of the key's position
+    s     reference point, unnormalized; sigmoid(s) is its normalized (x, y)
+    p_s   sinusoidal(sigmoid(s)), Eq. (5)          λ_q   FFN(f), the diagonal of T, Eq. (6)
+    p_q   conditional spatial query, T p_s = λ_q ⊙ p_s
 
 Shape legend
     B   batch size                     H, W   padded image height, width
@@ -31,10 +40,11 @@ Deliberate differences from the paper and the official code
     5. `decoder="detr"` is a DETR-style baseline built from the same parts (see `DecoderLayer`),
        not the original DETR recipe: it keeps the focal loss, 300 queries and separate
        content/position projections, so a comparison isolates the cross-attention.
-    6. The paper's alternative of learning the reference points as free parameters is not
-       implemented; like the official code, s is predicted from the object query.
+    6. The ablations of §4.3 (Table 3, Fig. 5, the reference point) are Config switches
+       (see Decoder); the defaults are the paper's design, bit for bit the official model.
 """
 
+import argparse
 import math
 import re
 from collections.abc import Callable
@@ -43,6 +53,7 @@ from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
+import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -216,8 +227,9 @@ def key_position_encoding(mask: Tensor, dim: int) -> Tensor:
 
 
 def reference_point_embedding(points: Tensor, dim: int) -> Tensor:
-    """p_s = sinusoidal(s). points (..., 2) normalized (x, y) -> (..., dim), y features first,
-    the same embedding as the keys so that p_q · p_k compares positions."""
+    """p_s = sinusoidal(sigmoid(s)) (Eq. (5)). points (..., 2) = sigmoid(s), normalized (x, y)
+    -> (..., dim), y features first: the same embedding as the keys' p_k, so that p_qᵀp_k
+    compares positions."""
     x, y = points[..., 0] * 2 * math.pi, points[..., 1] * 2 * math.pi
     return torch.cat((sine_embedding(y, dim // 2), sine_embedding(x, dim // 2)), dim=-1)
 
@@ -293,7 +305,7 @@ class EncoderLayer(nn.Module):
 
     def forward(self, src: Tensor, pos: Tensor, key_padding_mask: Tensor) -> Tensor:
         """src, pos (B, HW, D); key_padding_mask (B, HW) -> (B, HW, D)."""
-        # [paper §3.1] as in DETR, positions are added to queries and keys, not to values
+        # [ours] as in DETR's encoder, the positions p_k join the queries and keys, not the values
         q = split_heads(self.q_proj(src + pos), self.nheads)                 # (B, nh, HW, hd)
         k = split_heads(self.k_proj(src + pos), self.nheads)
         v = split_heads(self.v_proj(src), self.nheads)
@@ -565,8 +577,9 @@ class ConditionalDETR(nn.Module):
         logits = self.class_embed(hs)                                        # (L, B, Q, C)
         box = self.bbox_embed(hs)                                            # (L, B, Q, 4)
         if reference is not None:
-            # [paper §3.1, Eq. (1)] b = sigmoid(FFN(f) + [s ; 0 ; 0]) with s unnormalized:
-            # the head predicts the box centre as an offset from the reference point.
+            # [paper §3.1, Eq. (1)] b = sigmoid(FFN(f) + [sᵀ 0 0]ᵀ) with s unnormalized: the head
+            # predicts the box centre as an offset from the reference point.
+            # [ours] s = inverse_sigmoid(sigmoid(s)), clamped as the official code does
             box = torch.cat([box[..., :2] + inverse_sigmoid(reference), box[..., 2:]], dim=-1)
         boxes = box.sigmoid()
         out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1],
@@ -612,8 +625,9 @@ def focal_class_cost(logits: Tensor, labels: Tensor, alpha: float, gamma: float 
 
 
 class HungarianMatcher(nn.Module):
-    """One-to-one assignment of predictions to targets minimizing
-    cost_class * focal class cost + cost_bbox * L1 + cost_giou * (-GIoU)."""
+    """One-to-one (Hungarian) assignment of predictions to targets minimizing
+    cost_class * focal class cost + cost_bbox * L1 + cost_giou * (-GIoU) (paper §3.5, "Loss
+    function")."""
 
     def __init__(self, cost_class: float = 2.0, cost_bbox: float = 5.0, cost_giou: float = 2.0,
                  focal_alpha: float = 0.25):
@@ -654,9 +668,9 @@ def _world_size() -> int:
 
 
 class SetCriterion(nn.Module):
-    """The set loss (paper §3.1, from DETR): match, then a sigmoid focal loss on the classes
-    of all queries (matched ones aim at their target's class, the others at nothing) and
-    L1 + GIoU on the matched boxes. With cfg.aux_loss every decoder layer is matched and
+    """The set loss (paper §3.5, "Loss function", as in DETR and deformable DETR): match, then
+    a sigmoid focal loss on the classes of all queries (matched ones aim at their target's
+    class, the others at nothing) and L1 + GIoU on the matched boxes. With cfg.aux_loss every decoder layer is matched and
     supervised on its own. All terms are divided by the number of target boxes in the batch
     (averaged over processes when training distributed), at least 1."""
 
@@ -752,6 +766,7 @@ class PostProcess(nn.Module):
 
 # ----------------------------------------------------------------------------------------
 # Published weights: our checkpoints, the official model zoo, Hugging Face hub files.
+# [ours] Not the method: the machinery that lets the method start from trained weights.
 # ----------------------------------------------------------------------------------------
 
 
@@ -829,15 +844,12 @@ def read_checkpoint(path) -> dict:
     """The one way files are read here: a torch file with weights_only=True (tensors, dicts,
     lists, numbers and strings, plus argparse.Namespace, which the official checkpoints hold;
     never arbitrary pickled objects), or a safetensors file, told apart by their first bytes."""
-    import argparse
-
-    from safetensors.torch import load_file
     path = Path(path)
     try:
         with open(path, "rb") as f:
             head = f.read(9)
         if len(head) == 9 and head[8:9] == b"{":            # safetensors: 8-byte header size, then json
-            return load_file(path)
+            return safetensors.torch.load_file(path)
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

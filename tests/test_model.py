@@ -90,7 +90,7 @@ def test_attention_maps_decompose_and_normalize():
     images, mask = padded_batch()
     with torch.no_grad():
         logits = model(images, mask, return_attention=True)["attention"]
-    for layer in logits:   # paper Eq. (4): per head q·k = c_q·c_k + p_q·p_k
+    for layer in logits:   # paper Eq. (3): per head q·k = c_q·c_k + p_q·p_k
         torch.testing.assert_close(layer["content"] + layer["spatial"], layer["combined"], rtol=1e-5, atol=1e-5)
     maps = cdetr.cross_attention_maps(model, images, mask, layer=-1)
     h, w = 4, 6   # stride 16
