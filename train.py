@@ -3,7 +3,7 @@
     python train.py                                   # built-in shapes data, tiny preset, CPU
     python train.py --coco-path /data/coco --preset r50 --pretrained-backbone
     torchrun --nproc_per_node=8 train.py --coco-path /data/coco --preset r50 --pretrained-backbone
-    python train.py --coco-path /data/mine --init-from r50 --epochs 12 --lr 2e-5   # fine-tune COCO weights
+    python train.py --coco-path /data/mine --init-from r50 --epochs 12             # fine-tune the COCO model
 
 Each epoch trains, evaluates COCO AP on the validation set, appends a line to
 <output-dir>/log.jsonl, redraws <output-dir>/curves.png and writes <output-dir>/checkpoint.pth
@@ -224,11 +224,7 @@ def main(argv=None):
     if args.coco_path:
         (args.train_images, args.train_annotations), (args.val_images, args.val_annotations) = (
             map(str, data.coco_paths(args.coco_path, "train")), map(str, data.coco_paths(args.coco_path, "val")))
-    elif not args.train_images:
-        if main_process:
-            data.ensure_shapes_dataset(args.shapes_dir)
-        if distributed:
-            dist.barrier()
+    elif not args.train_images:                        # the built-in shapes, generated below
         (args.train_images, args.train_annotations), (args.val_images, args.val_annotations) = (
             map(str, data.coco_paths(args.shapes_dir, "train")), map(str, data.coco_paths(args.shapes_dir, "val")))
         default_preset = "tiny"
@@ -256,6 +252,11 @@ def main(argv=None):
         args.preset = args.preset or default_preset
         cfg = make_config(args, cdetr.preset(args.preset))
         origin = f"preset {args.preset}"
+    if default_preset == "tiny":                       # once every setting has been checked
+        if main_process:
+            data.ensure_shapes_dataset(args.shapes_dir)
+        if distributed:
+            dist.barrier()
     torch.manual_seed(args.seed + rank)
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)

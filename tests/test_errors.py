@@ -111,6 +111,12 @@ def test_bad_settings_are_named(shapes, setting, expected, tmp_path):
     one_line_error(train(shapes, "--output-dir", tmp_path / "o", "--set", setting, check=False), expected)
 
 
+def test_settings_are_checked_before_the_shapes_are_generated(tmp_path):
+    one_line_error(run("train.py", "--shapes-dir", tmp_path / "never_made", "--set", "dropout=lots", check=False),
+                   "--set dropout=lots: dropout takes a float")
+    assert not (tmp_path / "never_made").exists()
+
+
 def test_files_that_are_not_checkpoints(shapes, tmp_path):
     (tmp_path / "notes.pth").write_text("my notes")
     tiny_checkpoint(tmp_path / "weights_only.pth", num_classes=4)
