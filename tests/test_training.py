@@ -1,5 +1,5 @@
-"""Training behaviour of the model and criterion: gradients reach every parameter, a small
-model overfits one batch, and the DETR baseline trains."""
+"""Training behaviour of the model and criterion: gradients reach every parameter (every
+ablation too), a small model of either decoder overfits one batch, learned reference points train."""
 
 import pytest
 import torch
@@ -43,9 +43,12 @@ def test_official_backbone_training_choice():
     assert trainable == {"layer2", "layer3", "layer4"}
 
 
-def test_small_model_overfits_one_batch():
+@pytest.mark.parametrize("decoder", ["conditional", "detr"])
+def test_small_model_overfits_one_batch(decoder):
+    """Both decoders can fit two images: the DETR-style baseline's slow start on real data is
+    not a broken model."""
     torch.manual_seed(0)
-    cfg = tiny_config(hidden_dim=64, enc_layers=1, dim_feedforward=128, num_queries=10)
+    cfg = tiny_config(hidden_dim=64, enc_layers=1, dim_feedforward=128, num_queries=10, decoder=decoder)
     model, criterion = cdetr.ConditionalDETR(cfg), cdetr.SetCriterion(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
     images, mask, targets = two_synthetic_images()
@@ -65,20 +68,6 @@ def test_small_model_overfits_one_batch():
         expected = box_convert(targets[i]["boxes"][t], "cxcywh", "xyxy")
         assert (box_iou(predicted, expected).diag() > 0.9).all()
         assert (outputs["pred_logits"][i, q].argmax(-1) == targets[i]["labels"][t]).all()
-
-
-def test_detr_baseline_trains_one_step():
-    torch.manual_seed(0)
-    cfg = tiny_config(decoder="detr")
-    model, criterion = cdetr.ConditionalDETR(cfg), cdetr.SetCriterion(cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    images, mask, targets = two_synthetic_images()
-    before = [p.detach().clone() for p in model.parameters()]
-    loss = criterion(model(images, mask), targets)["loss"]
-    assert torch.isfinite(loss)
-    loss.backward()
-    optimizer.step()
-    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 def test_learned_reference_points_are_parameters_that_train():
