@@ -44,9 +44,13 @@ class DatasetError(cdetr.InputError):
 def report_input_errors():
     """For the command-line scripts: a mistake in the input (cdetr.InputError, also when a
     data-loading worker raised it) ends the program with one line "error: ..." and exit
-    status 1; every other exception is a bug and keeps its traceback."""
+    status 1, Ctrl-C with "interrupted" and status 130; every other exception is a bug and
+    keeps its traceback."""
     try:
         yield
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
     except cdetr.InputError as e:
         message = str(e)
         if "\nOriginal Traceback" in message:   # re-raised by a DataLoader worker: its last line is ours
