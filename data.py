@@ -40,47 +40,6 @@ class DatasetError(cdetr.InputError):
     """Bad dataset input; the message names the file and the problem."""
 
 
-@contextlib.contextmanager
-def report_input_errors():
-    """For the command-line scripts: a mistake in the input (cdetr.InputError, also when a
-    data-loading worker raised it) ends the program with one line "error: ..." and exit
-    status 1, Ctrl-C with "interrupted" and status 130; every other exception is a bug and
-    keeps its traceback."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        sys.exit(130)
-    except cdetr.InputError as e:
-        message = str(e)
-        if "\nOriginal Traceback" in message:   # re-raised by a DataLoader worker: its last line is ours
-            message = message.strip().splitlines()[-1].split(": ", 1)[-1]
-        sys.exit(f"error: {message}")
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse for the scripts here: a usage mistake is one line, like every other error."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message}; see {self.prog} --help\n")
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer of at least 1."""
-    if not text.lstrip("-").isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
-    return int(text)
-
-
-def unused_dir(path: str | Path) -> Path:
-    """`path` if it does not exist yet, else the first free `path-2`, `path-3`, ..."""
-    path, n = Path(path), 2
-    candidate = path
-    while candidate.exists():
-        candidate, n = path.with_name(f"{path.name}-{n}"), n + 1
-    return candidate
-
-
 # ----------------------------------------------------------------------------------------
 # Augmentations: the paper's (DETR's) recipe, scaled by image_size / 800.
 # ----------------------------------------------------------------------------------------
@@ -568,6 +527,52 @@ def ensure_shapes_dataset(out: str | Path, **kwargs) -> Path:
         print(f"generating the synthetic shapes dataset in {out} ...", flush=True)
         make_shapes_dataset(out, **kwargs)
     return Path(out)
+
+
+# ----------------------------------------------------------------------------------------
+# What the command-line scripts share: one-line errors, argument checks, output folders.
+# ----------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def report_input_errors():
+    """For the command-line scripts: a mistake in the input (cdetr.InputError, also when a
+    data-loading worker raised it) ends the program with one line "error: ..." and exit
+    status 1, Ctrl-C with "interrupted" and status 130; every other exception is a bug and
+    keeps its traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
+    except cdetr.InputError as e:
+        message = str(e)
+        if "\nOriginal Traceback" in message:   # re-raised by a DataLoader worker: its last line is ours
+            message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+        sys.exit(f"error: {message}")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the scripts here: a usage mistake is one line, like every other error."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    if not text.lstrip("-").isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return int(text)
+
+
+def unused_dir(path: str | Path) -> Path:
+    """`path` if it does not exist yet, else the first free `path-2`, `path-3`, ..."""
+    path, n = Path(path), 2
+    candidate = path
+    while candidate.exists():
+        candidate, n = path.with_name(f"{path.name}-{n}"), n + 1
+    return candidate
 
 
 def main():
