@@ -190,9 +190,11 @@ class Backbone(nn.Module):
         block = getattr(resnet, last)[-1]
         self.num_channels = (block.conv3 if hasattr(block, "conv3") else block.conv2).out_channels
         self.body = IntermediateLayerGetter(resnet, return_layers={last: "features"})
+        # [ours] channels-last memory order (NHWC): faster convolutions and pooling on CPUs and GPUs
+        self.body.to(memory_format=torch.channels_last)
 
     def forward(self, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        features = self.body(images)["features"]
+        features = self.body(images.contiguous(memory_format=torch.channels_last))["features"]
         # [ours] nearest-neighbour resize of the padding mask, as the official code does
         mask = F.interpolate(mask[None].float(), size=features.shape[-2:])[0].bool()
         return features, mask
@@ -251,14 +253,24 @@ def merge_heads(x: Tensor) -> Tensor:
 
 def attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None,
               dropout: float = 0.0) -> Tensor:
-    """Scaled dot-product attention. q (B, nh, Nq, dk), k (B, nh, Nk, dk), v (B, nh, Nk, dv),
-    key_padding_mask (B, Nk) True where a key must be ignored -> (B, nh, Nq, dv).
-    dv may differ from dk: the conditional cross-attention has dk = 2 * hd, dv = hd."""
+    """Scaled dot-product attention, the definition. q (B, nh, Nq, dk), k (B, nh, Nk, dk),
+    v (B, nh, Nk, dv), key_padding_mask (B, Nk) True where a key must be ignored
+    -> (B, nh, Nq, dv). dv may differ from dk: the conditional cross-attention has dk = 2 * hd,
+    dv = hd. [ours] The layers call fused_attention, the same computation in torch's fused
+    kernel (tests/test_model.py checks that they agree)."""
     logits = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])             # (B, nh, Nq, Nk)
     if key_padding_mask is not None:
         logits = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
     weights = F.dropout(logits.softmax(dim=-1), dropout, training=dropout > 0)
     return weights @ v                                                       # (B, nh, Nq, dv)
+
+
+def fused_attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None,
+                    dropout: float = 0.0) -> Tensor:
+    """`attention` by F.scaled_dot_product_attention: one kernel, no (Nq, Nk) weights kept for
+    the backward pass where the kernel allows; its mask is True where a key takes part."""
+    mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
 
 
 class MLP(nn.Module):
@@ -309,7 +321,7 @@ class EncoderLayer(nn.Module):
         q = split_heads(self.q_proj(src + pos), self.nheads)                 # (B, nh, HW, hd)
         k = split_heads(self.k_proj(src + pos), self.nheads)
         v = split_heads(self.v_proj(src), self.nheads)
-        out = attention(q, k, v, key_padding_mask, self.attn_dropout if self.training else 0.0)
+        out = fused_attention(q, k, v, key_padding_mask, self.attn_dropout if self.training else 0.0)
         src = self.norm1(src + self.drop(self.out_proj(merge_heads(out))))
         return self.norm2(src + self.drop(self.ffn(src)))
 
@@ -384,7 +396,7 @@ class DecoderLayer(nn.Module):
         q = self.sa_qcontent_proj(tgt) + self.sa_qpos_proj(query_pos)
         k = self.sa_kcontent_proj(tgt) + self.sa_kpos_proj(query_pos)
         v = self.sa_v_proj(tgt)
-        out = attention(split_heads(q, nh), split_heads(k, nh), split_heads(v, nh), None, p)
+        out = fused_attention(split_heads(q, nh), split_heads(k, nh), split_heads(v, nh), None, p)
         tgt = self.norm1(tgt + self.drop(self.sa_out_proj(merge_heads(out))))
 
         # --- cross-attention: every query looks at the image
@@ -405,7 +417,7 @@ class DecoderLayer(nn.Module):
             # [paper §3.2, Eq. (2)] DETR: query c_q + p_q with p_q = o_q, key c_k + p_k
             q_spatial = split_heads(self.ca_qpos_proj(query_pos), nh)        # (B, nh, Q, hd)
             q, k = q_content + q_spatial, k_content + k_pos                  # (B, nh, *, hd)
-        out = attention(q, k, v, key_padding_mask, p)                        # (B, nh, Q, hd)
+        out = fused_attention(q, k, v, key_padding_mask, p)                  # (B, nh, Q, hd)
         tgt = self.norm2(tgt + self.drop(self.ca_out_proj(merge_heads(out))))
         tgt = self.norm3(tgt + self.drop(self.ffn(tgt)))
 

@@ -206,3 +206,30 @@ def test_zero_reference_points_sit_at_the_image_centre():
 def test_bad_ablation_config(overrides, message):
     with pytest.raises(ValueError, match=message):
         cdetr.Config(**overrides)
+
+
+@pytest.mark.parametrize("dk, dv, padded", [(16, 16, False), (32, 16, True)])
+def test_fused_attention_computes_the_definition(dk, dv, padded):
+    """The layers call fused_attention (torch's kernel); attention is the readable definition."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 4, 7, dk, generator=g), torch.randn(2, 4, 9, dk, generator=g), torch.randn(2, 4, 9, dv, generator=g)
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    if padded:
+        mask[1, 5:] = True
+    torch.testing.assert_close(cdetr.fused_attention(q, k, v, mask), cdetr.attention(q, k, v, mask), rtol=1e-5, atol=1e-6)
+
+
+def test_channels_last_backbone_computes_the_resnet():
+    """The backbone keeps its weights and images in channels-last order; the features are the
+    torchvision ResNet's, computed in the usual order."""
+    torch.manual_seed(0)
+    backbone = cdetr.Backbone(tiny_config()).eval()
+    assert backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    images, mask = padded_batch()
+    reference = torchvision.models.resnet18(norm_layer=torch.nn.BatchNorm2d).eval()
+    reference.load_state_dict({k: v.contiguous() for k, v in backbone.body.state_dict().items()}, strict=False)
+    with torch.no_grad():
+        features, _ = backbone(images, mask)
+        x = reference.maxpool(reference.relu(reference.bn1(reference.conv1(images))))
+        expected = reference.layer3(reference.layer2(reference.layer1(x)))
+    torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-4)
