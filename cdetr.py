@@ -60,6 +60,7 @@ import torch.nn.functional as F
 import torchvision
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -198,6 +199,26 @@ class Backbone(nn.Module):
         # [ours] nearest-neighbour resize of the padding mask, as the official code does
         mask = F.interpolate(mask[None].float(), size=features.shape[-2:])[0].bool()
         return features, mask
+
+
+@torch.no_grad()
+def fold_batchnorm(module: nn.Module) -> nn.Module:
+    """[ours] For inference: every BatchNorm (frozen, or in eval mode) that directly follows a
+    convolution is folded into it, conv(x) * scale + shift = conv'(x), and becomes Identity:
+    the same function up to float rounding, without a pass over the activations per BatchNorm.
+    Changes `module` in place and returns it; its state_dict no longer fits a checkpoint."""
+    previous = None
+    for name, child in list(module.named_children()):
+        if (isinstance(child, (FrozenBatchNorm2d, nn.BatchNorm2d)) and not child.training
+                and isinstance(previous, nn.Conv2d)):
+            previous.weight, previous.bias = fuse_conv_bn_weights(
+                previous.weight, previous.bias, child.running_mean, child.running_var, child.eps, child.weight,
+                child.bias)
+            setattr(module, name, nn.Identity())
+        else:
+            fold_batchnorm(child)
+        previous = child
+    return module
 
 
 # ----------------------------------------------------------------------------------------

@@ -161,9 +161,9 @@ def detect(model: cdetr.ConditionalDETR, files: list[Path], names: dict[int, str
 
 
 def load_model(source: str, preset: str | None) -> tuple[cdetr.ConditionalDETR, cdetr.Pretrained, dict[int, str]]:
-    """The model of `source` (anything cdetr.load_pretrained takes) in eval mode, built from
-    its own config, or from `preset` (default r50) when it has none, with the class and query
-    counts the weights have. Also the Pretrained record and the class names: the dataset's
+    """The model of `source` (anything cdetr.load_pretrained takes) for inference (eval mode,
+    BatchNorm folded into the convolutions), built from its own config, or from `preset`
+    (default r50) when it has none, with the class and query counts the weights have. Also the Pretrained record and the class names: the dataset's
     for our checkpoints, COCO's for 91-class weights without names. Raises WeightsError."""
     pretrained = cdetr.load_pretrained(source)
     if "class_embed.bias" not in pretrained.state_dict or "query_embed.weight" not in pretrained.state_dict:
@@ -178,7 +178,7 @@ def load_model(source: str, preset: str | None) -> tuple[cdetr.ConditionalDETR, 
         built = "its config" if pretrained.config else f"--preset {preset or 'r50'}"
         raise cdetr.WeightsError(f"{source}: {e} (the model was built from {built})") from None
     names = pretrained.category_names or (data.COCO_NAMES if cfg.num_classes == 91 else {})
-    return model.eval(), pretrained, names
+    return cdetr.fold_batchnorm(model.eval()), pretrained, names
 
 
 def main():

@@ -8,7 +8,7 @@ inputs (the settings of benchmarks/speed.py), and timed in alternating rounds wi
 unchanged model; the ratio is unchanged time / lever time. Levers:
     channels_last   the backbone's weights and the images in NHWC memory order
     sdpa            torch's fused scaled_dot_product_attention in place of cdetr.attention
-    fold-bn         the frozen BatchNorms folded into the convolutions before them (inference)
+    fold-bn         the BatchNorms folded into the convolutions before them (cdetr.fold_batchnorm; inference)
     bf16            bfloat16 autocast (on a CPU: fast where it has AVX512-BF16 or AMX)
 A lever the code already uses is a no-op here.
 """
@@ -22,8 +22,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.nn.utils.fusion import fuse_conv_bn_weights
-from torchvision.ops.misc import FrozenBatchNorm2d
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -35,20 +33,6 @@ from speed import SETTINGS, inputs  # noqa: E402
 def sdpa(q, k, v, key_padding_mask=None, dropout=0.0):
     mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-
-
-def fold_frozen_batchnorm(module: torch.nn.Module):
-    """Fold every FrozenBatchNorm2d that directly follows a Conv2d (in module order) into it."""
-    previous = None
-    for name, child in list(module.named_children()):
-        if isinstance(child, FrozenBatchNorm2d) and isinstance(previous, torch.nn.Conv2d):
-            weight, bias = fuse_conv_bn_weights(previous.weight, previous.bias, child.running_mean, child.running_var,
-                                                child.eps, child.weight, child.bias)
-            previous.weight, previous.bias = weight, bias
-            setattr(module, name, torch.nn.Identity())
-        else:
-            fold_frozen_batchnorm(child)
-        previous = child
 
 
 def main():
@@ -66,12 +50,12 @@ def main():
         cfg = cdetr.preset(preset, num_classes=91 if preset != "tiny" else 4)
         unchanged = cdetr.ConditionalDETR(cfg).train(training)
         criterion = cdetr.SetCriterion(cfg)
-        levers = [lever for lever in args.levers if not (lever == "fold-bn" and (training or preset == "tiny"))]
+        levers = [lever for lever in args.levers if not (lever == "fold-bn" and training)]
         models = {"as is": unchanged, **{lever: copy.deepcopy(unchanged) for lever in levers}}
         if "channels_last" in models:
             models["channels_last"].backbone.to(memory_format=torch.channels_last)
         if "fold-bn" in models:
-            fold_frozen_batchnorm(models["fold-bn"].backbone)
+            cdetr.fold_batchnorm(models["fold-bn"].eval().backbone)
         optimizers = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-7, fused=True)
                       for k, m in models.items()}
 

@@ -149,6 +149,8 @@ def implementations(setting: str, args, device) -> dict[str, Implementation]:
         spec.loader.exec_module(modules["baseline"])
     for name, module in modules.items():
         model, criterion = ours(module, preset, weights, device)
+        if not SETTINGS[setting][4] and hasattr(module, "fold_batchnorm"):   # as evaluate.py runs it
+            module.fold_batchnorm(model.eval())
         found[name] = Implementation(model, functools.partial(model, images, mask),
                                      lambda m=model, c=criterion: c(m(images, mask), targets)["loss"], args.amp, device)
     return {name: found[name] for name in sorted(found, key=lambda n: (n != "ours", n))}

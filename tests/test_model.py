@@ -233,3 +233,22 @@ def test_channels_last_backbone_computes_the_resnet():
         x = reference.maxpool(reference.relu(reference.bn1(reference.conv1(images))))
         expected = reference.layer3(reference.layer2(reference.layer1(x)))
     torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen BatchNorm (r50)", "BatchNorm in eval mode (tiny)"])
+def test_folding_batchnorm_keeps_the_outputs(frozen):
+    torch.manual_seed(0)
+    model = cdetr.ConditionalDETR(tiny_config(frozen_batchnorm=frozen)).eval()
+    with torch.no_grad():
+        for name, buffer in model.backbone.named_buffers():   # statistics that are not the identity
+            if "running" in name:
+                buffer.copy_(torch.rand_like(buffer) + 0.5)
+    images, mask = padded_batch()
+    with torch.no_grad():
+        before = model(images, mask)
+        cdetr.fold_batchnorm(model)
+        after = model(images, mask)
+    batchnorms = (FrozenBatchNorm2d, torch.nn.BatchNorm2d)
+    assert not any(isinstance(m, batchnorms) for m in model.modules())
+    torch.testing.assert_close(after["pred_logits"], before["pred_logits"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(after["pred_boxes"], before["pred_boxes"], rtol=1e-4, atol=1e-4)
