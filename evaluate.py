@@ -213,6 +213,8 @@ def main():
         model, pretrained, names = load_model(args.weights, args.preset)
     except cdetr.WeightsError as e:
         raise cdetr.WeightsError(f"--weights {e}") from None
+    if args.preset and pretrained.config:
+        print(f"warning: --preset {args.preset} is not used: {args.weights} has its own config")
     image_size = args.image_size or model.cfg.image_size
     device = torch.device(args.device)
     model.to(device)

@@ -97,7 +97,8 @@ def make_config(args, base: cdetr.Config) -> cdetr.Config:
         try:
             overrides[key] = booleans[value.lower()] if types[key] is bool else types[key](value)
         except (KeyError, ValueError):
-            raise cdetr.ConfigError(f"--set {item}: {key} takes a {types[key].__name__}, not {value!r}") from None
+            kind = {int: "a whole number", float: "a number", bool: "true or false"}.get(types[key], "text")
+            raise cdetr.ConfigError(f"--set {item}: {key} takes {kind}, not {value!r}") from None
     return replace(base, **overrides)
 
 

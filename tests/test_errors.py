@@ -101,8 +101,8 @@ def test_numbers_are_checked_before_any_work(flags, expected, tmp_path):
 
 
 @pytest.mark.parametrize("setting, expected", [
-    ("hidden_dim=wide", "--set hidden_dim=wide: hidden_dim takes a int, not 'wide'"),
-    ("aux_loss=maybe", "--set aux_loss=maybe: aux_loss takes a bool, not 'maybe'"),
+    ("hidden_dim=wide", "--set hidden_dim=wide: hidden_dim takes a whole number, not 'wide'"),
+    ("aux_loss=maybe", "--set aux_loss=maybe: aux_loss takes true or false, not 'maybe'"),
     ("dropout", "--set dropout: expected KEY=VALUE"),
     ("hidden_dim=30", "Config: hidden_dim 30 is not divisible by nheads 4"),
     ("spatial_query=csq-z", "Config: spatial_query must be one of csq"),
@@ -113,7 +113,7 @@ def test_bad_settings_are_named(shapes, setting, expected, tmp_path):
 
 def test_settings_are_checked_before_the_shapes_are_generated(tmp_path):
     one_line_error(run("train.py", "--shapes-dir", tmp_path / "never_made", "--set", "dropout=lots", check=False),
-                   "--set dropout=lots: dropout takes a float")
+                   "--set dropout=lots: dropout takes a number")
     assert not (tmp_path / "never_made").exists()
 
 
