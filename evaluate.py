@@ -44,7 +44,7 @@ def predict(model: cdetr.ConditionalDETR, loader, device, amp: bool = False) -> 
     detections = []
     for images, mask, targets in loader:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            outputs = model(images.to(device), mask.to(device))
+            outputs = model(images.to(device, non_blocking=True), mask.to(device, non_blocking=True))
         sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
         for target, result in zip(targets, postprocess(outputs, sizes)):
             xywh = box_convert(result["boxes"].float(), "xyxy", "xywh")
@@ -242,7 +242,7 @@ def main():
         warnings.warn(f"{annotation_file} has category ids up to {dataset.num_classes - 1} but the model "
                       f"predicts only {model.cfg.num_classes} classes")
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
-                                         collate_fn=data.collate)
+                                         collate_fn=data.collate, pin_memory=device.type == "cuda")
     detections = predict(model, loader, device, args.amp)
     metrics = coco_metrics(dataset.coco, detections, dataset.ids)
 

@@ -311,8 +311,9 @@ def main(argv=None):
         print(f"{origin}, decoder {cfg.decoder}, {n_params / 1e6:.2f} M parameters, "
               f"{len(train_set)} training / {len(val_set)} validation images, {world_size} process(es) on {device}")
     val_shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world_size))
+    on_gpu = device.type == "cuda"        # pinned host memory lets the copies to the GPU overlap the work
     val_loader = torch.utils.data.DataLoader(val_shard, batch_size=cfg.batch_size * 2, num_workers=args.num_workers,
-                                             collate_fn=data.collate)
+                                             collate_fn=data.collate, pin_memory=on_gpu)
 
     epoch, steps = start_epoch, 0
     try:
@@ -326,14 +327,16 @@ def main(argv=None):
             else:
                 sampler = torch.utils.data.RandomSampler(train_set, generator=order)
             loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                                                 num_workers=args.num_workers, collate_fn=data.collate, generator=order)
+                                                 num_workers=args.num_workers, collate_fn=data.collate, generator=order,
+                                                 pin_memory=on_gpu)
             trained_model.train()
             sums, steps, start = {}, 0, time.time()
             bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not main_process, dynamic_ncols=True)
             for images, mask, targets in bar:
-                targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+                targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
+                           for t in targets]
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-                    outputs = trained_model(images.to(device), mask.to(device))
+                    outputs = trained_model(images.to(device, non_blocking=True), mask.to(device, non_blocking=True))
                 losses = criterion(outputs, targets)
                 loss_value = losses["loss"].item()
                 if not math.isfinite(loss_value):
