@@ -109,7 +109,7 @@ def draw_with_ground_truth(dataset: data.CocoDetection, detections: list[dict], 
         image = dataset.load_image(image_id)
         boxes, labels = dataset.targets[image_id]
         truth = data.draw_boxes(image, boxes.tolist(), [dataset.category_names[int(c)] for c in labels],
-                           (60, 220, 60), "ground truth")
+                                (60, 220, 60), "ground truth")
         found = detection_picture(image, by_image.get(image_id, []), dataset.category_names, threshold,
                                   f"detections >= {threshold}")
         paths.append(out_dir / f"{image_id}.png")
@@ -150,8 +150,8 @@ def detect(model: cdetr.ConditionalDETR, files: list[Path], names: dict[int, str
         while stem in used_names:        # two folders may hold images of the same name
             stem += "_"
         used_names.add(stem)
-        detection_picture(image, found, names, threshold, f"{path.name}: {len(found)} detections >= {threshold}").save(
-            out_dir / f"{stem}.png")
+        title = f"{path.name}: {len(found)} detections >= {threshold}"
+        detection_picture(image, found, names, threshold, title).save(out_dir / f"{stem}.png")
         found = [{"image": d["image_id"], "category_id": d["category_id"],
                   "category": names.get(d["category_id"], str(d["category_id"])), "score": d["score"], "bbox": d["bbox"]}
                  for d in found]
@@ -163,8 +163,9 @@ def detect(model: cdetr.ConditionalDETR, files: list[Path], names: dict[int, str
 def load_model(source: str, preset: str | None) -> tuple[cdetr.ConditionalDETR, cdetr.Pretrained, dict[int, str]]:
     """The model of `source` (anything cdetr.load_pretrained takes) for inference (eval mode,
     BatchNorm folded into the convolutions), built from its own config, or from `preset`
-    (default r50) when it has none, with the class and query counts the weights have. Also the Pretrained record and the class names: the dataset's
-    for our checkpoints, COCO's for 91-class weights without names. Raises WeightsError."""
+    (default r50) when it has none, with the class and query counts the weights have. Also
+    the Pretrained record and the class names: the dataset's for our checkpoints, COCO's for
+    91-class weights without names. Raises WeightsError."""
     pretrained = cdetr.load_pretrained(source)
     if "class_embed.bias" not in pretrained.state_dict or "query_embed.weight" not in pretrained.state_dict:
         raise cdetr.WeightsError(f"{source}: no class head or object queries in the weights")
