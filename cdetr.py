@@ -521,7 +521,7 @@ class Decoder(nn.Module):
                 s = self.ref_point.expand(B, -1, -1)
             else:                                                            # §4.3: s = (0, 0)
                 s = query_pos.new_zeros(B, Q, 2)
-            reference = s.sigmoid()                                          # (B, Q, 2)
+            reference = s.sigmoid()                                          # (B, Q, 2) sigmoid(s)
             # [paper §3.3, Eq. (5)] p_s = sinusoidal(sigmoid(s)), embedded like the keys' p_k
             p_s = reference_point_embedding(reference, D)                    # (B, Q, D)
         hs, maps = [], []
@@ -551,7 +551,7 @@ class ConditionalDETR(nn.Module):
         pred_logits (B, Q, C) class logits (sigmoid, no "no object" class),
         pred_boxes (B, Q, 4) normalized (cx, cy, w, h),
         aux_outputs: list of L-1 dicts with those two keys, one per earlier decoder layer,
-        reference_points (B, Q, 2) normalized (x, y) [decoder="conditional" only],
+        reference_points (B, Q, 2) sigmoid(s), normalized (x, y) [decoder="conditional" only],
         attention: list of L dicts of logits (B, nh, Q, HW) [return_attention=True only]."""
 
     def __init__(self, cfg: Config):
