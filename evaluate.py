@@ -205,7 +205,8 @@ def main():
     parser.add_argument("--batch-size", type=data.positive_int, default=8)
     parser.add_argument("--num-workers", type=int, choices=range(0, 65), metavar="N", default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA)")
+    parser.add_argument("--amp", action="store_true",
+                        help="bfloat16 autocast: on a GPU, or a CPU with AVX512-BF16 or AMX (elsewhere it may be slower)")
     args = parser.parse_args()
     if bool(args.images) != bool(args.annotations):
         parser.error("--images and --annotations go together")

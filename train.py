@@ -62,7 +62,8 @@ def parse_args(argv=None):
                    help="override any cdetr.Config field, e.g. --set hidden_dim=128 dec_layers=3")
     r = p.add_argument_group("running")
     r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    r.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA)")
+    r.add_argument("--amp", action="store_true",
+                   help="bfloat16 autocast: on a GPU, or a CPU with AVX512-BF16 or AMX (elsewhere it may be slower)")
     r.add_argument("--num-workers", type=int, choices=range(0, 65), metavar="N",
                    help="data-loading processes (default: 0 on a CPU, where they would compete with the model for cores; 4 on CUDA)")
     r.add_argument("--seed", type=int, default=42)

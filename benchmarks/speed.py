@@ -183,7 +183,8 @@ def time_rounds(impls: dict[str, Implementation], training: bool, rounds: int, i
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast for every implementation (CUDA)")
+    parser.add_argument("--amp", action="store_true",
+                        help="bfloat16 autocast for every implementation (a GPU, or a CPU with AVX512-BF16 or AMX)")
     parser.add_argument("--official", help="a checkout of github.com/Atten4Vis/ConditionalDETR (commit 8ea7c3f)")
     parser.add_argument("--baseline", help="a checkout of this repository at another commit, e.g. a git worktree")
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS), metavar="SETTING",
