@@ -210,13 +210,23 @@ def main():
         if "baseline" in seconds:
             row["ours_vs_baseline"] = round(seconds["baseline"] / seconds["ours"], 3)
         rows.append(row)
-        times = ", ".join(f"{n} {s * 1000:.0f} ms" for n, s in seconds.items())
+        times = ", ".join(f"{n} {s * 1000:.0f} ms" for n, s in row["seconds"].items())
         ratios = (f"; ours vs the fastest peer ({row['fastest_peer']}) {row['ours_vs_fastest_peer']:.2f}x" if peers else ""
                   ) + (f"; ours vs baseline {row['ours_vs_baseline']:.2f}x" if "baseline" in seconds else "")
         print(f"{setting:20} {times}{ratios}", flush=True)
+    # the table the README shows: time per step, and the ratios (their time / ours)
+    names = list(dict.fromkeys(n for row in rows for n in row["seconds"]))
+    print(f"\n| setting | {' | '.join(names)} | ours vs the fastest peer | ours vs baseline |\n"
+          f"| --- |{' --- |' * (len(names) + 2)}")
+    for row in rows:
+        cells = [f"{row['seconds'][n] * 1000:.0f} ms" if n in row["seconds"] else "" for n in names]
+        peer = f"{row['ours_vs_fastest_peer']:.2f}x ({row['fastest_peer']})" if "fastest_peer" in row else ""
+        base = f"{row['ours_vs_baseline']:.2f}x" if "ours_vs_baseline" in row else ""
+        print(f"| {row['setting']} | {' | '.join(cells)} | {peer} | {base} |")
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(rows, indent=1))
-    print(f"wrote {args.output}")
+    print(f"{torch.get_num_threads()} threads, {rows[0]['device']}{', bf16 autocast' if args.amp else ''}; "
+          f"wrote {args.output}")
 
 
 if __name__ == "__main__":
