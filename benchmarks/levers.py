@@ -7,7 +7,7 @@ Every lever is applied on top of the code as it is, to a copy of the same model 
 inputs (the settings of benchmarks/speed.py), and timed in alternating rounds with the
 unchanged model; the ratio is unchanged time / lever time. Levers:
     channels_last   the backbone's weights and the images in NHWC memory order
-    sdpa            torch's fused scaled_dot_product_attention in place of cdetr.attention
+    sdpa            cdetr.fused_attention (torch's fused kernel) wherever the layers call cdetr.attention
     fold-bn         the BatchNorms folded into the convolutions before them (cdetr.fold_batchnorm; inference)
     bf16            bfloat16 autocast (on a CPU: fast where it has AVX512-BF16 or AMX)
 A lever the code already uses is a no-op here.
@@ -21,18 +21,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 import cdetr  # noqa: E402
 from speed import SETTINGS, inputs  # noqa: E402
-
-
-def sdpa(q, k, v, key_padding_mask=None, dropout=0.0):
-    mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
 
 
 def main():
@@ -62,7 +56,7 @@ def main():
         def step(name):
             x = images.contiguous(memory_format=torch.channels_last) if name == "channels_last" else images
             attention = cdetr.attention
-            cdetr.attention = sdpa if name == "sdpa" else attention
+            cdetr.attention = cdetr.fused_attention if name == "sdpa" else attention
             try:
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "bf16"), \
                         torch.set_grad_enabled(training):
