@@ -1,6 +1,6 @@
 """The paper's ablations (§4.3) on your machine: one training run per variant.
 
-    python benchmarks/ablations.py                               # every variant, seed 42 (about 2.5 hours on 2 cores)
+    python benchmarks/ablations.py                               # every variant, seed 42 (about 2 hours on 2 cores)
     python benchmarks/ablations.py --variants csq csq-p --seeds 42 1 --reuse
 
 Trains the tiny preset on the built-in shapes with train.py (the same code path as
