@@ -1,191 +1,321 @@
-"""The course assignment's checker (tutorial/exercises/check.py): the solutions pass every
-check, the stubs score 0, and the classic mistakes are caught as "different"."""
+"""The course grader (tutorial/exercises/check.py), tested as a teacher would: student files
+written here, right ones in another style, wrong ones, cheating ones and broken ones, graded
+by the real grader (a worker process per file)."""
 
-import math
+import json
+import os
 import subprocess
 import sys
-import types
+import textwrap
+import zipfile
 from pathlib import Path
 
 import pytest
-import torch
 
 EXERCISES = Path(__file__).resolve().parent.parent / "tutorial" / "exercises"
 sys.path.insert(0, str(EXERCISES))
 import check  # noqa: E402
-import solutions  # noqa: E402
+import make_autograder  # noqa: E402
 
 
-def with_mistake(**functions) -> types.ModuleType:
-    """The solutions with some functions replaced by wrong ones."""
-    module = types.ModuleType("with_mistake")
-    module.__dict__.update({k: v for k, v in vars(solutions).items() if not k.startswith("__")})
-    module.__dict__.update(functions)
-    return module
+def student(tmp_path: Path, source: str, name: str = "exercises") -> str:
+    path = tmp_path / f"{name}.py"
+    path.write_text(textwrap.dedent(source))
+    return str(path)
 
 
-def test_the_solutions_pass_every_check():
-    results = {name: check.check_one(solutions, name) for name in check.EXERCISES}
-    assert results == {name: ("correct", "") for name in check.EXERCISES}
+def graded(tmp_path, source: str, *prefixes: str, time_limit: float = check.TIME_LIMIT) -> dict[str, tuple[str, str]]:
+    """Grade `source` as a student's exercises.py (only the exercises named by prefixes, if any)."""
+    names = [n for n in check.EXERCISES if not prefixes or n.startswith(prefixes)]
+    results, _ = check.grade(student(tmp_path, source), names, time_limit=time_limit)
+    return {name: (status, detail) for name, status, detail in results}
 
 
-def test_the_stubs_are_not_implemented_and_score_zero(tmp_path):
-    result = subprocess.run([sys.executable, str(EXERCISES / "check.py"), "--json", str(tmp_path / "r.json")],
-                            capture_output=True, text=True, check=True, cwd=EXERCISES)
-    assert result.stdout.count("not implemented yet") == len(check.EXERCISES) == 12
-    assert result.stdout.strip().endswith("score: 0/12")
-    import json
-    report = json.loads((tmp_path / "r.json").read_text())
-    assert report["score"] == 0 and len(report["tests"]) == 12 and all(t["max_score"] == 1 for t in report["tests"])
+def on_solutions(source: str) -> str:
+    """A student file that starts from the right answers (solutions.py's text, run in a
+    namespace of its own, since a student cannot import it), kept as `s.<name>` and defined
+    at the top level, then redefines some of them as `source` says. Each right answer keeps
+    calling the right helpers, so each wrong one is seen on its own."""
+    return (f"_RIGHT = {{}}\nexec(compile({(EXERCISES / 'solutions.py').read_text()!r}, 'right_answers', 'exec'), _RIGHT)\n"
+            "import types as _types\n"
+            "s = _types.SimpleNamespace(**_RIGHT)\n"
+            "globals().update({k: v for k, v in _RIGHT.items() if not k.startswith('__')})\n"
+            + textwrap.dedent(source))
 
 
-def swapped_xy(points, dim):
-    return solutions.reference_point_embedding(points.flip(-1), dim)
+# Right answers written unlike solutions.py: another student's style must score too.
+OTHER_STYLE = """
+    import math
+    import torch
+
+    def box_cxcywh_to_xyxy(b):
+        c, s = b[..., :2], b[..., 2:]
+        return torch.cat([c - s / 2, c + s / 2], -1)
+
+    def box_xyxy_to_cxcywh(b):
+        return torch.cat([(b[..., :2] + b[..., 2:]) / 2, b[..., 2:] - b[..., :2]], -1)
+
+    def generalized_box_iou(a, b):
+        lt, rb = torch.maximum(a[:, None, :2], b[:, :2]), torch.minimum(a[:, None, 2:], b[:, 2:])
+        inter = (rb - lt).clamp(min=0).prod(-1)
+        area = lambda x: (x[:, 2:] - x[:, :2]).prod(-1)
+        union = area(a)[:, None] + area(b) - inter
+        hull = (torch.maximum(a[:, None, 2:], b[:, 2:]) - torch.minimum(a[:, None, :2], b[:, :2])).prod(-1)
+        return inter / union - (hull - union) / hull
+
+    def cross_attention_head(c_q, p_q, c_k, p_k, v, key_padding_mask=None):
+        logits = (torch.einsum("bqd,bkd->bqk", c_q, c_k) + torch.einsum("bqd,bkd->bqk", p_q, p_k))
+        logits = logits / math.sqrt(2 * c_q.shape[-1])
+        if key_padding_mask is not None:
+            logits = logits - 1e9 * key_padding_mask[:, None, :].float()      # a large negative, not -inf
+        return torch.einsum("bqk,bkd->bqd", logits.softmax(-1), v)
+
+    def conditional_cross_attention(c_q, p_q, c_k, p_k, v, nheads, key_padding_mask=None):
+        B, Q, D = c_q.shape
+        heads = lambda x: x.reshape(x.shape[0], x.shape[1], nheads, D // nheads).transpose(1, 2)
+        q = torch.cat([heads(c_q), heads(p_q)], -1)
+        k = torch.cat([heads(c_k), heads(p_k)], -1)
+        logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        if key_padding_mask is not None:
+            logits = logits.masked_fill(key_padding_mask[:, None, None], -1e9)
+        return (logits.softmax(-1) @ heads(v)).transpose(1, 2).reshape(B, Q, D)
+"""
 
 
-def lambda_in_first_layer(layer, f, p_s, query_scale):
-    return query_scale(f) * p_s
+def test_right_answers_in_another_style_score_and_a_large_negative_mask_is_accepted(tmp_path):
+    results = graded(tmp_path, OTHER_STYLE, "1", "5", "8")
+    for name in ("1a box conversion", "1b generalized IoU", "5a one head of cross-attention", "5b all heads"):
+        assert results[name] == ("correct", ""), (name, results[name])
+    assert results["8 set loss"][0] == "not implemented yet"
 
 
-def unscaled_attention(c_q, p_q, c_k, p_k, v, key_padding_mask=None):
-    return solutions.cross_attention_head(c_q * math.sqrt(2 * c_q.shape[-1]), p_q * math.sqrt(2 * c_q.shape[-1]),
-                                          c_k, p_k, v, key_padding_mask)                  # no 1/sqrt(d) left
+@pytest.mark.parametrize("source, message", [
+    ("import cdetr\nkey_position_encoding = cdetr.key_position_encoding\n", "importing cdetr is not allowed"),
+    ("from solutions import *\n", "importing solutions is not allowed"),
+    ("import importlib\nhungarian_match = importlib.import_module('cd' + 'etr').HungarianMatcher()\n",
+     "importing cdetr is not allowed"),
+    ("import sys\nsys.path.insert(0, %r)\nfrom tutorial.common import *\n" % str(EXERCISES.parent.parent),
+     "importing cdetr is not allowed"),                                # reached through another module
+    ("exec(open(%r).read())\n" % str(EXERCISES.parent.parent / "cdetr.py"), "opening"),
+    ("import torch\nANSWERS = torch.load(%r)\n" % str(EXERCISES / "expected.pt"), "opening"),
+    ("import subprocess\nsubprocess.run(['true'])\n", "starting programs"),
+    ("def broken(:\n    pass\n", "SyntaxError"),
+    ("import no_such_module_here\n", "ModuleNotFoundError"),
+], ids=["cdetr", "from solutions import *", "importlib", "indirect", "exec the file", "read the answers",
+        "subprocess", "syntax error", "missing module"])
+def test_a_file_that_cannot_be_imported_scores_zero_and_says_why(tmp_path, source, message):
+    results, output = check.grade(student(tmp_path, source))
+    assert message in output and "exercises.py" in output, output
+    assert len(results) == 15 and all(status == "not graded" for _, status, _ in results)
 
 
-def scaled_by_head_width(c_q, p_q, c_k, p_k, v, key_padding_mask=None):
-    return solutions.cross_attention_head(c_q * math.sqrt(2), p_q * math.sqrt(2), c_k, p_k, v, key_padding_mask)
+def test_gradescope_gets_results_json_with_score_zero_for_a_syntax_error(tmp_path):
+    path = student(tmp_path, "import torch\n\ndef box_cxcywh_to_xyxy(boxes:\n    return boxes\n")
+    run = subprocess.run([sys.executable, str(EXERCISES / "check.py"), "--module", path, "--json",
+                          str(tmp_path / "results" / "results.json")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    report = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert report["score"] == 0 and len(report["tests"]) == 15 and all(t["score"] == 0 for t in report["tests"])
+    assert report["output"].startswith("exercises.py cannot be imported: SyntaxError") and "line 3" in report["output"]
 
 
-def padding_ignored(c_q, p_q, c_k, p_k, v, nheads, key_padding_mask=None):
-    return solutions.conditional_cross_attention(c_q, p_q, c_k, p_k, v, nheads)
+def test_wrappers_inside_functions_and_torchvision_helpers_score_nothing(tmp_path):
+    results = graded(tmp_path, """
+        import torchvision
+
+        def _convert(boxes, a, b):                     # a helper: the call is still into torchvision
+            return torchvision.ops.box_convert(boxes, a, b)
+
+        def box_cxcywh_to_xyxy(boxes):
+            return _convert(boxes, "cxcywh", "xyxy")
+
+        def box_xyxy_to_cxcywh(boxes):
+            return _convert(boxes, "xyxy", "cxcywh")
+
+        def generalized_box_iou(a, b):
+            return torchvision.ops.generalized_box_iou(a, b)
+
+        def key_position_encoding(mask, dim):
+            import cdetr                              # imported late, inside the function
+            return cdetr.key_position_encoding(mask, dim)
+
+        def postprocess(outputs, target_sizes, num_select=100):
+            from solutions import postprocess as theirs
+            return theirs(outputs, target_sizes, num_select)
+    """, "1", "2", "9")
+    assert results["1a box conversion"][0] == "not allowed" and "box_convert" in results["1a box conversion"][1]
+    assert results["1b generalized IoU"][0] == "not allowed" and "torch alone" in results["1b generalized IoU"][1]
+    assert results["2 key position encoding"][0] == "not allowed"
+    assert "importing cdetr" in results["2 key position encoding"][1] and "line 17" in results["2 key position encoding"][1]
+    assert results["9 post-processing"][0] == "not allowed"
 
 
-def concatenated_across_heads(c_q, p_q, c_k, p_k, v, nheads, key_padding_mask=None):
-    D = c_q.shape[-1]
-    q, k = torch.cat([c_q, p_q], -1), torch.cat([c_k, p_k], -1)                      # [c_q ; p_q] over all D
-    hd = 2 * D // nheads
-    heads = [solutions.cross_attention_head(q[..., h * hd:(h + 1) * hd], q[..., :0], k[..., h * hd:(h + 1) * hd],
-                                            k[..., :0], v[..., h * D // nheads:(h + 1) * D // nheads], key_padding_mask)
-             for h in range(nheads)]
-    return torch.cat(heads, -1)
+def test_losses_without_gradient_or_that_ignore_their_config_are_different(tmp_path):
+    results = graded(tmp_path, on_solutions("""
+        def set_loss(outputs, targets, cfg):            # right values, but no gradient
+            with torch.no_grad():
+                return s.set_loss(outputs, targets, cfg)
+    """), "8")
+    assert results["8 set loss"][0] == "different" and "no gradient" in results["8 set loss"][1]
+    # the right numbers as new tensors made from floats: no gradient either
+    results = graded(tmp_path, on_solutions("""
+        def set_loss(outputs, targets, cfg):
+            return {k: torch.tensor(float(v)) for k, v in s.set_loss(outputs, targets, cfg).items()}
+    """), "8")
+    assert results["8 set loss"][0] == "different" and "no gradient" in results["8 set loss"][1]
 
 
-def plain_iou(boxes1, boxes2):
-    area = lambda b: (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])  # noqa: E731
-    inter = (torch.min(boxes1[:, None, 2:], boxes2[None, :, 2:]) -
-             torch.max(boxes1[:, None, :2], boxes2[None, :, :2])).clamp(min=0).prod(-1)
-    return inter / (area(boxes1)[:, None] + area(boxes2)[None] - inter)
+def test_answers_that_hard_code_the_defaults_are_different(tmp_path):
+    """Written as a student who reads the defaults off the docstring of 7b."""
+    source = (EXERCISES / "solutions.py").read_text()
+    source = source.replace("cfg.focal_alpha", "0.25").replace("cfg.set_cost_class", "2.0") \
+        .replace("cfg.cls_loss_coef", "cfg.set_cost_class").replace("cfg.bbox_loss_coef", "cfg.set_cost_bbox") \
+        .replace("cfg.giou_loss_coef", "cfg.set_cost_giou")
+    source = source.replace("cost = (cost_class * focal_class_cost(", "cost = (2.0 * focal_class_cost(")
+    assert source.count("0.25") >= 2 and "(2.0 * focal_class_cost(" in source
+    results = graded(tmp_path, source, "7b", "8", "12")
+    assert results["8 set loss"][0] == "different" and "unusual" in results["8 set loss"][1]
+    assert results["7b Hungarian matching"][0] == "different" and "not the lowest" in results["7b Hungarian matching"][1]
+    assert results["12 a conditional decoder layer"] == ("correct", "")
 
 
-def reference_added_after_sigmoid(box_offsets, reference):
-    return torch.cat([box_offsets[..., :2].sigmoid() + reference, box_offsets[..., 2:].sigmoid()], -1)
+def test_wrong_forms_of_a_matching_are_different_not_a_crash(tmp_path):
+    results = graded(tmp_path, on_solutions("""
+        def hungarian_match(outputs, targets, cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, alpha=0.25):
+            pairs = s.hungarian_match(outputs, targets, cost_class, cost_bbox, cost_giou, alpha)
+            return [(objects, queries) for queries, objects in pairs]          # transposed
+    """), "7b")
+    status, detail = results["7b Hungarian matching"]
+    assert status == "different" and "(object indices, query indices)" in detail, detail
+    for body, message in [("return [(q.float(), t) for q, t in pairs]", "integer"),
+                          ("return [(q + 100, t) for q, t in pairs]", "out of range"),
+                          ("return pairs[:1]", "a list of"),
+                          ("return [torch.stack([q, t]) for q, t in pairs]", "pair of tensors"),
+                          ("return [(q.flip(0), t.flip(0)) for q, t in pairs]", "increasing")]:
+        results = graded(tmp_path, on_solutions(f"""
+            def hungarian_match(outputs, targets, cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, alpha=0.25):
+                pairs = s.hungarian_match(outputs, targets, cost_class, cost_bbox, cost_giou, alpha)
+                {body}
+        """), "7b")
+        status, detail = results["7b Hungarian matching"]
+        assert status == "different" and message in detail, (body, detail)
 
 
-def best_class_per_query(outputs, target_sizes, num_select=100):
-    results = []
-    for logits, boxes, (height, width) in zip(outputs["pred_logits"], outputs["pred_boxes"], target_sizes.tolist()):
-        scores, labels = logits.sigmoid().max(-1)
-        order = scores.argsort(descending=True)[:num_select]
-        absolute = solutions.box_cxcywh_to_xyxy(boxes[order]) * torch.tensor([width, height, width, height])
-        results.append({"scores": scores[order], "labels": labels[order], "boxes": absolute})
-    return results
+# One file, one classic mistake per exercise: each is reported as "different" with the
+# message a student can act on.
+CLASSIC_MISTAKES = on_solutions("""
+    def box_cxcywh_to_xyxy(b):                                    # 1a: w and h not halved
+        return torch.cat([b[..., :2] - b[..., 2:], b[..., :2] + b[..., 2:]], -1)
+    box_xyxy_to_cxcywh = s.box_xyxy_to_cxcywh
+
+    def generalized_box_iou(a, b):                                # 1b: plain IoU
+        inter = (torch.min(a[:, None, 2:], b[:, 2:]) - torch.max(a[:, None, :2], b[:, :2])).clamp(min=0).prod(-1)
+        area = lambda x: (x[:, 2:] - x[:, :2]).prod(-1)
+        return inter / (area(a)[:, None] + area(b) - inter)
+
+    def key_position_encoding(mask, dim):                         # 2: normalized by the padded size
+        return s.key_position_encoding(torch.zeros_like(mask), dim)
+
+    def reference_point_embedding(points, dim):                   # 3: x and y swapped
+        return s.reference_point_embedding(points.flip(-1), dim)
+
+    def conditional_spatial_query(layer, f, p_s, query_scale):    # 4: λ_q in the first layer too
+        return query_scale(f) * p_s
+
+    def cross_attention_head(c_q, p_q, c_k, p_k, v, key_padding_mask=None):   # 5a: scaled by √hd
+        return s.cross_attention_head(c_q * math.sqrt(2), p_q * math.sqrt(2), c_k, p_k, v, key_padding_mask)
+
+    def conditional_cross_attention(c_q, p_q, c_k, p_k, v, nheads, key_padding_mask=None):  # 5b: padding ignored
+        return s.conditional_cross_attention(c_q, p_q, c_k, p_k, v, nheads)
+
+    inverse_sigmoid = s.inverse_sigmoid
+    def box_from_reference(box_offsets, reference):              # 6: sigmoid(s) added after the sigmoid
+        return torch.cat([box_offsets[..., :2].sigmoid() + reference, box_offsets[..., 2:].sigmoid()], -1)
+
+    def focal_class_cost(logits, labels, alpha=0.25, gamma=2.0):  # 7a: no negative term
+        p = logits.sigmoid()[:, labels]
+        return alpha * (1 - p) ** gamma * -torch.log(p + 1e-8)
+
+    def hungarian_match(outputs, targets, cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, alpha=0.25):
+        return s.hungarian_match(outputs, targets, 0.0, cost_bbox, cost_giou, alpha)   # 7b: no class cost
+
+    def set_loss(outputs, targets, cfg):                          # 8: no auxiliary layers
+        return s.set_loss({**outputs, "aux_outputs": []}, targets, cfg)
+
+    def postprocess(outputs, target_sizes, num_select=100):       # 9: boxes left normalized
+        return s.postprocess(outputs, torch.ones_like(target_sizes), num_select)
+
+    def hflip_boxes(boxes, width):                                # 10: x0 and x1 not swapped
+        return torch.stack([width - boxes[:, 0], boxes[:, 1], width - boxes[:, 2], boxes[:, 3]], -1)
+    resize_boxes = s.resize_boxes
+
+    coco_ap = s.coco_ap
+    def ap50_not_ap75_detections(ground_truth):                   # 11: the true boxes: AP75 is 1 too
+        return [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+                for a in ground_truth["annotations"]]
+
+    class DecoderLayer(s.DecoderLayer):                           # 12: first layer without o_q and p_k
+        def __init__(self, d_model, nheads, dim_feedforward, is_first):
+            super().__init__(d_model, nheads, dim_feedforward, is_first)
+            self.is_first = False
+""")
+
+EXPECTED_MESSAGES = {
+    "1a box conversion": "largest error", "1b generalized IoU": "random: largest error",
+    "2 key position encoding": "mask (3, 6, 8), dim 32: largest error",
+    "3 reference point embedding": "largest error", "4 conditional spatial query": "layer 0: largest error",
+    "5a one head of cross-attention": "largest error", "5b all heads": "padded keys: largest error",
+    "6 box from the reference point": "['box_from_reference']: largest error",
+    "7a focal matching cost": "largest error", "7b Hungarian matching": "not the lowest",
+    "8 set loss": "no 'loss_ce_0' in the result", "9 post-processing": "['boxes']: largest error",
+    "10 boxes under flip and resize": "['hflip_boxes']: largest error",
+    "11 COCO AP": "AP50 1.000 and AP75 1.000, not 1 and 0", "12 a conditional decoder layer": "first layer: largest",
+}
 
 
-def torchvision_giou(boxes1, boxes2):
-    import torchvision
-    return torchvision.ops.generalized_box_iou(boxes1, boxes2)
+def test_classic_mistakes_are_each_different_with_a_useful_message(tmp_path):
+    results = graded(tmp_path, CLASSIC_MISTAKES)
+    assert len(results) == len(EXPECTED_MESSAGES) == 15
+    for name, message in EXPECTED_MESSAGES.items():
+        status, detail = results[name]
+        assert status == "different" and message in detail, (name, detail)
 
 
-def padded_size_positions(mask, dim):
-    return solutions.key_position_encoding(torch.zeros_like(mask), dim)          # as if nothing were padding
+def test_a_crash_names_the_students_line_and_an_endless_loop_is_stopped(tmp_path):
+    results = graded(tmp_path, """
+        import torch
+
+        def focal_class_cost(logits, labels, alpha=0.25, gamma=2.0):
+            return logits[:, labels] @ labels                     # a shape error
+
+        def hungarian_match(outputs, targets, cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, alpha=0.25):
+            while True:
+                pass
+
+        def set_loss(outputs, targets, cfg):
+            return {}
+    """, "7", "8", time_limit=3)
+    status, detail = results["7a focal matching cost"]
+    assert status == "different" and detail.startswith("raised RuntimeError") and "exercises.py line 5" in detail
+    assert results["7b Hungarian matching"][0] == "timed out"
+    assert results["8 set loss"] == ("different", "8, batch 1, 5 classes, aux_loss True: no 'loss_ce' in the result")
 
 
-def x_before_y(mask, dim):
-    return solutions.key_position_encoding(mask, dim).roll(dim // 2, dims=1)
-
-
-def without_two_pi(points, dim):
-    return solutions.reference_point_embedding(points / (2 * math.pi), dim)
-
-
-def without_negative_term(logits, labels, alpha=0.25, gamma=2.0):
-    p = logits.sigmoid()[:, labels]
-    return alpha * (1 - p) ** gamma * -torch.log(p + 1e-8)
-
-
-def giou_on_centre_boxes(outputs, targets, cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, alpha=0.25):
-    from scipy.optimize import linear_sum_assignment
-    indices = []
-    for logits, boxes, target in zip(outputs["pred_logits"], outputs["pred_boxes"], targets):
-        cost = (cost_class * solutions.focal_class_cost(logits, target["labels"], alpha)
-                + cost_bbox * torch.cdist(boxes, target["boxes"], p=1)
-                - cost_giou * solutions.generalized_box_iou(boxes, target["boxes"]))      # not converted to xyxy
-        rows, cols = linear_sum_assignment(cost.numpy())
-        indices.append((torch.as_tensor(rows), torch.as_tensor(cols)))
-    return indices
-
-
-def torchvision_conversion(boxes):
-    import torchvision
-    return torchvision.ops.box_convert(boxes, "cxcywh", "xyxy")
-
-
-def without_class_cost(outputs, targets, cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, alpha=0.25):
-    return solutions.hungarian_match(outputs, targets, 0.0, cost_bbox, cost_giou, alpha)
-
-
-def unclamped_inverse_sigmoid(x, eps=1e-5):
-    return torch.log(x / (1 - x))
-
-
-def without_auxiliary_layers(outputs, targets, cfg):
-    return solutions.set_loss({k: v for k, v in outputs.items() if k != "aux_outputs"} | {"aux_outputs": []},
-                              targets, cfg)
-
-
-def normalized_boxes(outputs, target_sizes, num_select=100):
-    return solutions.postprocess(outputs, torch.ones_like(target_sizes), num_select)
-
-
-@pytest.mark.parametrize("exercise, mistake, message", [
-    ("3 reference point embedding", dict(reference_point_embedding=swapped_xy), "largest error"),
-    ("4 conditional spatial query", dict(conditional_spatial_query=lambda_in_first_layer), "layer 0: largest error"),
-    ("5a one head of cross-attention", dict(cross_attention_head=unscaled_attention), "largest error"),
-    ("5a one head of cross-attention", dict(cross_attention_head=scaled_by_head_width), "largest error"),
-    ("5b all heads", dict(conditional_cross_attention=padding_ignored), "padded keys: largest error"),
-    ("5b all heads", dict(conditional_cross_attention=concatenated_across_heads), "largest error"),
-    ("1b generalized IoU", dict(generalized_box_iou=plain_iou), "generalized_box_iou, random: largest error"),
-    ("1b generalized IoU", dict(generalized_box_iou=torchvision_giou), "uses torchvision"),
-    ("6 box from the reference point", dict(box_from_reference=reference_added_after_sigmoid), "largest error"),
-    ("9 post-processing", dict(postprocess=best_class_per_query), "num_select 100[0]['scores']: shape (12,)"),
-    ("2 key position encoding", dict(key_position_encoding=padded_size_positions), "mask (3, 6, 8), dim 32: largest"),
-    ("2 key position encoding", dict(key_position_encoding=x_before_y), "largest error"),
-    ("3 reference point embedding", dict(reference_point_embedding=without_two_pi), "largest error"),
-    ("7a focal matching cost", dict(focal_class_cost=without_negative_term), "largest error"),
-    ("7b Hungarian matching", dict(hungarian_match=giou_on_centre_boxes), "raised ValueError: matrix contains invalid"),
-    ("1a box conversion", dict(box_cxcywh_to_xyxy=torchvision_conversion), "uses torchvision"),
-    ("7b Hungarian matching", dict(hungarian_match=without_class_cost), "not the lowest"),
-    ("6 box from the reference point", dict(inverse_sigmoid=unclamped_inverse_sigmoid), "inverse_sigmoid at 0 and 1"),
-    ("8 set loss", dict(set_loss=without_auxiliary_layers), "no 'loss_ce_0' in the result"),
-    ("9 post-processing", dict(postprocess=normalized_boxes), "['boxes']: largest error"),
-], ids=lambda value: value if isinstance(value, str) else None)
-def test_classic_mistakes_are_caught(exercise, mistake, message):
-    status, detail = check.check_one(with_mistake(**mistake), exercise)
-    assert status == "different" and message in detail, detail
-
-
-def test_a_wrong_normalization_of_the_loss_is_caught():
-    """Dividing by the number of images instead of the number of objects."""
-    def per_image(outputs, targets, cfg):
-        losses = solutions.set_loss(outputs, targets, cfg)
-        factor = max(sum(len(t["labels"]) for t in targets), 1) / len(targets)
-        return {k: v * factor for k, v in losses.items()}
-    status, detail = check.check_one(with_mistake(set_loss=per_image), "8 set loss")
-    assert status == "different" and "largest error" in detail
-
-
-def test_a_crash_in_the_students_code_is_reported_with_its_line():
-    def crashes(logits, labels, alpha=0.25, gamma=2.0):
-        return logits[:, labels] @ labels                      # a shape error
-    status, detail = check.check_one(with_mistake(focal_class_cost=crashes), "7a focal matching cost")
-    assert status == "different" and detail.startswith("raised RuntimeError")
+def test_the_gradescope_zip_grades_without_the_repository(tmp_path):
+    names = make_autograder.build(tmp_path / "autograder.zip")
+    assert sorted(names) == ["cases.pt", "check.py", "expected.pt", "run_autograder", "setup.sh"]
+    root = tmp_path / "autograder"
+    with zipfile.ZipFile(tmp_path / "autograder.zip") as zf:
+        zf.extractall(root / "source")
+    (root / "submission").mkdir()
+    (root / "submission" / "my_answers.py").write_text((EXERCISES / "solutions.py").read_text())
+    env = {**os.environ, "AUTOGRADER_ROOT": str(root), "PYTHON": sys.executable, "PYTHONPATH": ""}
+    run = subprocess.run(["bash", str(root / "source" / "run_autograder")], capture_output=True, text=True, env=env,
+                         cwd=tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = json.loads((root / "results" / "results.json").read_text())
+    assert report["score"] == 15, report["output"]           # graded with no cdetr.py or solutions.py in reach
+    (root / "submission" / "my_answers.py").write_text("def oops(:\n")
+    subprocess.run(["bash", str(root / "source" / "run_autograder")], capture_output=True, env=env, check=True)
+    report = json.loads((root / "results" / "results.json").read_text())
+    assert report["score"] == 0 and "SyntaxError" in report["output"]

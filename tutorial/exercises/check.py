@@ -1,51 +1,80 @@
-"""Check the exercises against cdetr.py and print a score.
+"""Grade the exercises: run the student's functions on fixed inputs and compare the results
+with answers computed ahead of time.
 
-    python check.py                       # your exercises.py, next to this file
-    python check.py --module solutions    # the teacher's solutions (should score full marks)
-    python check.py --json results.json   # also write Gradescope's results format
+    python check.py                                # your exercises.py, next to this file
+    python check.py --module solutions             # the teacher's solutions: full marks
+    python check.py --module path/to/file.py       # any file
+    python check.py --json results.json            # also write Gradescope's results.json
+    python check.py "7b" "8"                       # only the exercises whose names start so
 
-Every exercise is run on seeded random inputs, including the cases graders forget (padding,
-an image without objects, a batch of one), and compared with what cdetr.py (or the torchvision
-function it uses) computes, at 1e-5 relative to the size of the expected values. Each exercise
-is "correct", "different" (with the largest error and where, never the expected values), or
-"not implemented yet"; each correct one scores a point.
+Each exercise is "correct", "different" (how it differs: a shape, the largest error and where,
+a missing gradient; never the expected values), "not implemented yet", "not allowed" (it used
+what the exercise forbids) or "timed out"; each correct one scores a point.
 
-A script rather than pytest: it prints exactly this, so nothing of the expected tensors leaks
-(pytest's assertion messages would show them), the score is a number at the end, the same
-checks run from the notebook (`check.run("name")`), and `--json` is what Gradescope's
-autograder reads.
+How it grades, and why it cannot be fooled by the usual tricks:
+  * The inputs (cases.pt) and the answers (expected.pt) were computed once by make_fixtures.py
+    from solutions.py and cdetr.py; grading needs neither of those files.
+  * The student's file runs in a separate worker process that is given the inputs only. Inside
+    it, importing cdetr, solutions or this checker fails, opening expected.pt, cdetr.py or
+    solutions.py fails, starting programs fails, and the exercises that say "torch alone" fail
+    if they call anything in torchvision, however indirectly. The worker sends back plain
+    tensors, numbers and lists; this process compares them, guarding everything it does with
+    them, so a wrong shape or order is reported as "different", never as a crash here.
+  * Each exercise has a time limit; a worker that hangs or dies is replaced for the next one.
+  * A file that cannot be imported (a syntax error, a missing name, an import not allowed)
+    scores 0 with the first error as the message, and --json still writes results.json.
 """
 
 import argparse
-import importlib
+import contextlib
+import importlib.abc
+import importlib.util
+import io
 import json
 import math
+import os
+import subprocess
 import sys
+import tempfile
+import time
 import traceback
+import types
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent.parent))                 # the repository root: cdetr.py
-import cdetr  # noqa: E402
-from torchvision.ops import box_convert  # noqa: E402
-from torchvision.ops import generalized_box_iou as torchvision_giou  # noqa: E402
-
+CASES, EXPECTED = HERE / "cases.pt", HERE / "expected.pt"
 TOLERANCE = 1e-5
+TIME_LIMIT = 30.0          # seconds per exercise; the solutions need well under one (teacher's README)
 
 
 class Different(Exception):
-    """The student's answer differs from the reference; the message says how, not what is expected."""
+    """The answer differs from the reference; the message says how, not what is expected."""
+
+
+class NotAllowed(ImportError):
+    """The student's code reached something the exercises forbid."""
+
+
+# ==========================================================================================
+# Comparing a result with the expected one (in the grading process, guarded)
+# ==========================================================================================
+
+def describe(x) -> str:
+    if isinstance(x, dict) and "__unreadable__" in x:
+        return f"a {x['__unreadable__']}"
+    return f"a {type(x).__name__}" if not torch.is_tensor(x) else f"a tensor of shape {tuple(x.shape)}"
 
 
 def compare(got, want, what: str):
-    """Raise Different unless `got` equals `want` (tensors at TOLERANCE relative to the largest
-    expected value; lists and dicts element by element)."""
+    """Raise Different unless `got` equals `want`: tensors at TOLERANCE relative to the largest
+    expected value (at least 1), NaN where the reference has NaN; numbers likewise; lists and
+    dicts element by element."""
     if isinstance(want, dict):
-        if not isinstance(got, dict):
-            raise Different(f"{what}: returned {type(got).__name__}, expected a dict")
+        if not isinstance(got, dict) or "__unreadable__" in got:
+            raise Different(f"{what}: returned {describe(got)}, expected a dict")
         missing = [k for k in want if k not in got]
         if missing:
             raise Different(f"{what}: no {missing[0]!r} in the result")
@@ -54,283 +83,500 @@ def compare(got, want, what: str):
         return
     if isinstance(want, (list, tuple)):
         if not isinstance(got, (list, tuple)) or len(got) != len(want):
-            raise Different(f"{what}: returned {type(got).__name__} of length {len(got) if hasattr(got, '__len__') else '?'}, "
-                            f"expected {len(want)} items")
+            length = f" of length {len(got)}" if isinstance(got, (list, tuple)) else ""
+            raise Different(f"{what}: returned {describe(got)}{length}, expected {len(want)} items")
         for i, (g, w) in enumerate(zip(got, want)):
             compare(g, w, f"{what}[{i}]")
         return
+    if isinstance(want, (int, float)):
+        if not isinstance(got, (int, float)) and not (torch.is_tensor(got) and got.numel() == 1):
+            raise Different(f"{what}: returned {describe(got)}, expected a number")
+        got = float(got)
+        if not (abs(got - want) <= TOLERANCE * max(1.0, abs(want)) or (math.isnan(got) and math.isnan(want))):
+            raise Different(f"{what}: off by {abs(got - want):.3g}")
+        return
     if not torch.is_tensor(got):
-        raise Different(f"{what}: returned {type(got).__name__}, expected a tensor")
+        raise Different(f"{what}: returned {describe(got)}, expected a tensor")
     if tuple(got.shape) != tuple(want.shape):
         raise Different(f"{what}: shape {tuple(got.shape)}, expected {tuple(want.shape)}")
     if not want.is_floating_point():
-        if not torch.equal(got.to(want.dtype), want):
+        if got.is_floating_point() or got.is_complex() or not torch.equal(got.to(want.dtype), want):
+            if got.is_floating_point():
+                raise Different(f"{what}: {got.dtype} values, expected whole numbers ({want.dtype})")
             where = tuple(int(i) for i in (got.to(want.dtype) != want).nonzero()[0])
             raise Different(f"{what}: wrong value at index {where}")
         return
-    got = got.double()
-    error = (got - want.double()).abs()
+    if got.is_complex() or got.dtype == torch.bool:
+        raise Different(f"{what}: {got.dtype} values, expected real numbers")
+    got, want = got.double(), want.double()
+    error = (got - want).abs()
     error[torch.isnan(got) != torch.isnan(want)] = math.inf
     error[torch.isnan(got) & torch.isnan(want)] = 0
-    scale = max(1.0, float(want.double().abs().nan_to_num().max())) if want.numel() else 1.0
+    scale = max(1.0, float(want.abs().nan_to_num().max())) if want.numel() else 1.0
     if want.numel() and float(error.max()) > TOLERANCE * scale:
-        where = tuple(int(i) for i in divmod_all(int(error.argmax()), tuple(want.shape)))
+        where = tuple(int(i) for i in torch.unravel_index(error.argmax(), tuple(want.shape)))
         raise Different(f"{what}: largest error {float(error.max()):.3g} at index {where}")
 
 
-def divmod_all(flat: int, shape: tuple) -> list[int]:
-    """The multi-index of position `flat` in a tensor of `shape`."""
-    index = []
-    for size in reversed(shape):
-        flat, i = divmod(flat, size)
-        index.append(i)
-    return index[::-1]
+# ==========================================================================================
+# The exercises: how the worker calls the student's functions on one case (run_*), and how the
+# grading process judges what came back (judge_*; default: compare with the expected value)
+# ==========================================================================================
+
+def mlp(weights: list) -> types.FunctionType:
+    """Two Linear layers with a ReLU between, from their (weight, bias) tensors: the FFN that
+    exercise 4 is given."""
+    w1, b1, w2, b2 = weights
+    return lambda x: F.linear(F.relu(F.linear(x, w1, b1)), w2, b2)
 
 
-# --- inputs --------------------------------------------------------------------------------
-
-def random_boxes(n: int, generator) -> torch.Tensor:
-    """(n, 4) normalized (cx, cy, w, h) boxes that stay inside the image."""
-    wh = torch.rand(n, 2, generator=generator) * 0.5 + 0.05
-    centre = wh / 2 + torch.rand(n, 2, generator=generator) * (1 - wh)
-    return torch.cat([centre, wh], dim=-1)
+def run_box_conversion(m, case):
+    return {"box_cxcywh_to_xyxy": m.box_cxcywh_to_xyxy(case["boxes"].clone()),
+            "box_xyxy_to_cxcywh": m.box_xyxy_to_cxcywh(case["boxes"].clone())}
 
 
-def padded_mask(batch: int, h: int, w: int) -> torch.Tensor:
-    """(batch, h, w) True on padding: image 0 whole, the others padded at the bottom and right."""
-    mask = torch.zeros(batch, h, w, dtype=torch.bool)
-    for b in range(1, batch):
-        mask[b, h - b:, :] = True
-        mask[b, :, w - 2 * b:] = True
-    return mask
+def run_generalized_box_iou(m, case):
+    return m.generalized_box_iou(case["boxes1"].clone(), case["boxes2"].clone())
 
 
-def tiny_cfg(**overrides) -> cdetr.Config:
-    return cdetr.Config(**{**dict(backbone="resnet18", hidden_dim=32, nheads=4, enc_layers=1, dec_layers=3,
-                                  dim_feedforward=32, num_queries=12, num_classes=5, dropout=0.0), **overrides})
+def run_key_position_encoding(m, case):
+    return m.key_position_encoding(case["mask"].clone(), case["dim"])
 
 
-def model_outputs(batch: int, seed: int) -> tuple[dict, list[dict], cdetr.Config]:
-    """A tiny random model's outputs on a random feature map, with random targets; image 1 (if
-    any) has no objects."""
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    cfg = tiny_cfg()
-    model = cdetr.ConditionalDETR(cfg).eval()
+def run_reference_point_embedding(m, case):
+    return m.reference_point_embedding(case["points"].clone(), case["dim"])
+
+
+def run_conditional_spatial_query(m, case):
+    return m.conditional_spatial_query(case["layer"], case["f"].clone(), case["p_s"].clone(), mlp(case["query_scale"]))
+
+
+def run_cross_attention_head(m, case):
+    return m.cross_attention_head(*(x.clone() for x in case["inputs"]), key_padding_mask=case["mask"])
+
+
+def run_conditional_cross_attention(m, case):
+    return m.conditional_cross_attention(*(x.clone() for x in case["inputs"]), case["nheads"],
+                                         key_padding_mask=case["mask"])
+
+
+def run_box_from_reference(m, case):
+    return {"box_from_reference": m.box_from_reference(case["box_offsets"].clone(), case["reference"].clone()),
+            "inverse_sigmoid": m.inverse_sigmoid(case["edge"].clone())}
+
+
+def run_focal_class_cost(m, case):
+    return m.focal_class_cost(case["logits"].clone(), case["labels"].clone(), **case["kwargs"])
+
+
+def copy_outputs(outputs: dict, requires_grad: bool = False) -> dict:
+    """Fresh leaf tensors for the model outputs of a case, so the student cannot change the case."""
+    leaf = lambda t: t.clone().requires_grad_(requires_grad)  # noqa: E731
+    copied = {"pred_logits": leaf(outputs["pred_logits"]), "pred_boxes": leaf(outputs["pred_boxes"])}
+    if "aux_outputs" in outputs:
+        copied["aux_outputs"] = [{k: leaf(v) for k, v in aux.items()} for aux in outputs["aux_outputs"]]
+    return copied
+
+
+def copy_targets(targets: list) -> list:
+    return [{k: v.clone() for k, v in t.items()} for t in targets]
+
+
+def run_hungarian_match(m, case):
+    return m.hungarian_match(copy_outputs(case["outputs"]), copy_targets(case["targets"]), **case["kwargs"])
+
+
+def run_set_loss(m, case):
+    """The losses, and the gradient of "loss" with respect to every prediction (or the reason
+    there is none)."""
+    outputs = copy_outputs(case["outputs"], requires_grad=True)
+    losses = m.set_loss(outputs, copy_targets(case["targets"]), types.SimpleNamespace(**case["cfg"]))
+    total = losses.get("loss") if isinstance(losses, dict) else None
+    gradient = None
+    if torch.is_tensor(total) and total.requires_grad and total.numel() == 1:
+        total.backward()
+        leaves = [outputs] + outputs["aux_outputs"]
+        gradient = [{k: (leaf[k].grad if leaf[k].grad is not None else torch.zeros_like(leaf[k]))
+                     for k in ("pred_logits", "pred_boxes")} for leaf in leaves]
+    elif torch.is_tensor(total):
+        gradient = "no gradient: 'loss' does not depend on the predictions through autograd" if not total.requires_grad \
+            else f"'loss' has shape {tuple(total.shape)}, expected a single number"
+    return {"losses": losses, "gradient": gradient}
+
+
+def run_postprocess(m, case):
+    return m.postprocess(copy_outputs(case["outputs"]), case["target_sizes"].clone(), case["num_select"])
+
+
+def run_box_transforms(m, case):
+    return {"hflip_boxes": m.hflip_boxes(case["boxes"].clone(), case["width"]),
+            "resize_boxes": m.resize_boxes(case["boxes"].clone(), case["old_size"], case["new_size"])}
+
+
+def run_coco_ap(m, case):
+    ground_truth = json.loads(case["ground_truth"])
+    return {"coco_ap": m.coco_ap(ground_truth, json.loads(case["detections"])),
+            "ap50_not_ap75_detections": m.ap50_not_ap75_detections(json.loads(case["ground_truth"]))}
+
+
+def run_decoder_layer(m, case):
+    d_model, nheads, dim_feedforward, is_first = case["shape"]
+    layer = m.DecoderLayer(d_model, nheads, dim_feedforward, is_first)
+    if not isinstance(layer, torch.nn.Module):
+        return {"__unreadable__": f"DecoderLayer that is not a torch.nn.Module ({type(layer).__name__})"}
+    problems = layer.load_state_dict(case["weights"], strict=False)
+    if problems.missing_keys or problems.unexpected_keys:
+        return {"__load__": f"the reference weights do not fit: missing {problems.missing_keys[:3]}, "
+                            f"unexpected {problems.unexpected_keys[:3]} (the parameter names are in the docstring)"}
+    layer.eval()
     with torch.no_grad():
-        model.class_embed.weight.normal_(0, 1)             # class scores that differ between queries,
-        model.class_embed.bias.normal_(0, 1)               # so that the class cost matters in matching
-        model.bbox_embed.layers[-1].weight.normal_(0, 0.1)
-        out = model.forward_features(torch.randn(batch, model.backbone.num_channels, 4, 5, generator=generator),
-                                     padded_mask(batch, 4, 5))
-    targets = []
-    for b in range(batch):
-        n = 0 if b == 1 else 1 + b % 3
-        targets.append({"labels": torch.randint(1, cfg.num_classes, (n,), generator=generator),
-                        "boxes": random_boxes(n, generator)})
-    return out, targets, cfg
+        return layer(*(x.clone() for x in case["inputs"]), key_padding_mask=case["mask"])
 
 
-# --- one function per exercise: run the student's code and the reference on the same inputs --
-
-def refuse_torchvision(function):
-    """Exercise 1 is to be written with torch alone: no torchvision name in the function."""
-    for name in function.__code__.co_names:
-        used = function.__globals__.get(name)
-        if name == "torchvision" or (getattr(used, "__module__", None) or getattr(used, "__name__", "")).startswith(
-                "torchvision"):
-            raise Different(f"{function.__name__}: uses torchvision ({name}); write it with torch alone")
-
-
-def check_box_conversion(module):
-    g = torch.Generator().manual_seed(1)
-    for shape in [(7, 4), (2, 3, 4), (0, 4)]:
-        boxes = torch.rand(*shape, generator=g) + torch.tensor([0, 0, 0.1, 0.1])
-        compare(module.box_cxcywh_to_xyxy(boxes), box_convert(boxes, "cxcywh", "xyxy"), f"box_cxcywh_to_xyxy {shape}")
-        compare(module.box_xyxy_to_cxcywh(boxes), box_convert(boxes, "xyxy", "cxcywh"), f"box_xyxy_to_cxcywh {shape}")
-    refuse_torchvision(module.box_cxcywh_to_xyxy)
-    refuse_torchvision(module.box_xyxy_to_cxcywh)
-
-
-def check_generalized_box_iou(module):
-    g = torch.Generator().manual_seed(2)
-    a = box_convert(random_boxes(6, g), "cxcywh", "xyxy")
-    b = box_convert(random_boxes(4, g), "cxcywh", "xyxy")
-    far = torch.tensor([[0.9, 0.9, 0.95, 0.95]])          # disjoint from most: GIoU < 0
-    for name, (x, y) in {"random": (a, b), "with a disjoint box": (a, torch.cat([b, far])),
-                         "a box with itself": (a[:1], a[:1]), "one against none": (a[:1], a[:0])}.items():
-        compare(module.generalized_box_iou(x, y), torchvision_giou(x, y), f"generalized_box_iou, {name}")
-    refuse_torchvision(module.generalized_box_iou)
-
-
-def check_key_position_encoding(module):
-    for batch, h, w, dim in [(1, 5, 7, 16), (3, 6, 8, 32)]:                 # the second has padding
-        mask = padded_mask(batch, h, w)
-        compare(module.key_position_encoding(mask, dim), cdetr.key_position_encoding(mask, dim),
-                f"key_position_encoding, mask {tuple(mask.shape)}, dim {dim}")
+def judge_hungarian_match(got, want, case, what):
+    """Pairs (query indices, object indices) per image: checked for form, order and range
+    before their total cost is compared with the lowest."""
+    batch = len(want["indices"])
+    if not isinstance(got, (list, tuple)) or len(got) != batch:
+        raise Different(f"{what}: returned {describe(got)}, expected a list of {batch} (queries, objects) pairs")
+    for b, (pair, (q_ref, t_ref), cost) in enumerate(zip(got, want["indices"], want["costs"])):
+        where = f"{what}, image {b}"
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(torch.is_tensor(x) for x in pair):
+            raise Different(f"{where}: expected a pair of tensors (query indices, object indices), got {describe(pair)}")
+        q, t = pair
+        if q.dim() != 1 or t.dim() != 1 or len(q) != len(t) or q.is_floating_point() or t.is_floating_point():
+            raise Different(f"{where}: expected two 1-d integer tensors of equal length, got shapes "
+                            f"{tuple(q.shape)} and {tuple(t.shape)} ({q.dtype}, {t.dtype})")
+        Q, M = cost.shape
+        if len(q) != len(q_ref):
+            raise Different(f"{where}: {len(q)} pairs for {len(q_ref)} objects")
+        if not len(q):
+            continue
+        if torch.equal(q.sort().values, t_ref.sort().values) and torch.equal(t.sort().values, q_ref.sort().values) \
+                and not torch.equal(q.sort().values, q_ref):
+            raise Different(f"{where}: the pair is (object indices, query indices); expected (query indices, "
+                            f"object indices)")
+        if int(q.min()) < 0 or int(q.max()) >= Q or int(t.min()) < 0 or int(t.max()) >= M:
+            raise Different(f"{where}: indices out of range (query indices must lie in [0, {Q}), object indices "
+                            f"in [0, {M}))")
+        if len(set(q.tolist())) != len(q) or len(set(t.tolist())) != len(t):
+            raise Different(f"{where}: a query or an object is matched twice; the matching must be one-to-one")
+        if not torch.equal(q.to(torch.int64), q.sort().values.to(torch.int64)):
+            raise Different(f"{where}: query indices not in increasing order")
+        if not (torch.equal(q.to(torch.int64), q_ref) and torch.equal(t.to(torch.int64), t_ref)):
+            raise Different(f"{where}: a matching of total cost {float(cost[q, t].sum()):.4f}, not the lowest, "
+                            f"{float(cost[q_ref, t_ref].sum()):.4f}")
 
 
-def check_reference_point_embedding(module):
-    g = torch.Generator().manual_seed(3)
-    for shape, dim in [((2, 7, 2), 64), ((5, 2), 16)]:
-        points = torch.rand(*shape, generator=g)
-        compare(module.reference_point_embedding(points, dim), cdetr.reference_point_embedding(points, dim),
-                f"reference_point_embedding, points {shape}, dim {dim}")
+def judge_set_loss(got, want, case, what):
+    compare(got["losses"], want["losses"], what)
+    if not isinstance(got["gradient"], list):
+        raise Different(f"{what}: {got['gradient']}")
+    compare(got["gradient"], want["gradient"], f"{what}, gradient of 'loss' w.r.t. [last layer, *aux_outputs]")
 
 
-def check_conditional_spatial_query(module):
-    torch.manual_seed(4)
-    decoder = cdetr.ConditionalDETR(tiny_cfg()).decoder
-    g = torch.Generator().manual_seed(4)
-    f, p_s = torch.randn(2, 12, 32, generator=g), torch.randn(2, 12, 32, generator=g)
-    with torch.no_grad():
-        for layer in (0, 1, 2):
-            compare(module.conditional_spatial_query(layer, f, p_s, decoder.query_scale),
-                    decoder.spatial_query(layer, f, None, p_s), f"conditional_spatial_query, layer {layer}")
+def judge_coco_ap(got, want, case, what):
+    compare(got["coco_ap"], want["coco_ap"], f"{what}, coco_ap")
+    detections = got["ap50_not_ap75_detections"]
+    if not isinstance(detections, list) or not detections:
+        raise Different(f"{what}, ap50_not_ap75_detections: returned {describe(detections)}, expected a non-empty "
+                        f"list of detections")
+    try:
+        scores = reference_coco_ap(json.loads(case["ground_truth"]), detections)
+    except Exception as e:
+        raise Different(f"{what}, ap50_not_ap75_detections: pycocotools cannot read the detections "
+                        f"({type(e).__name__}: {e}); expected a list of dicts with image_id, category_id, "
+                        f"bbox [x, y, width, height] in pixels and score") from None
+    if not (scores["AP50"] == 1.0 and scores["AP75"] == 0.0):
+        raise Different(f"{what}, ap50_not_ap75_detections: they score AP50 {scores['AP50']:.3f} and AP75 "
+                        f"{scores['AP75']:.3f}, not 1 and 0")
 
 
-def reference_attention(c_q, p_q, c_k, p_k, v, nheads, key_padding_mask=None):
-    """cdetr's conditional cross-attention on projected inputs (DecoderLayer, without projections)."""
-    split = lambda x: cdetr.split_heads(x, nheads)  # noqa: E731
-    q = torch.cat([split(c_q), split(p_q)], dim=-1)                     # (B, nh, Q, 2hd)
-    k = torch.cat([split(c_k), split(p_k)], dim=-1)                     # (B, nh, HW, 2hd)
-    return cdetr.merge_heads(cdetr.attention(q, k, split(v), key_padding_mask))
+def judge_decoder_layer(got, want, case, what):
+    if isinstance(got, dict) and "__load__" in got:
+        raise Different(f"{what}: {got['__load__']}")
+    compare(got, want, what)
 
 
-def attention_inputs(batch: int, queries: int, keys: int, dim: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(batch, n, dim, generator=g) for n in (queries, queries, keys, keys, keys)]
+def reference_coco_ap(ground_truth: dict, detections: list) -> dict:
+    """AP, AP50, AP75 of `detections` by pycocotools (the grader's own, for exercise 11)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = ground_truth
+        coco.createIndex()
+        evaluator = COCOeval(coco, coco.loadRes(list(detections)), "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return dict(zip(("AP", "AP50", "AP75"), (float(v) for v in evaluator.stats[:3])))
 
 
-def check_cross_attention_head(module):
-    for batch, padded in [(1, False), (3, True)]:
-        inputs = attention_inputs(batch, 5, 12, 8, seed=5)
-        mask = padded_mask(batch, 3, 4).flatten(1) if padded else None
-        compare(module.cross_attention_head(*inputs, key_padding_mask=mask), reference_attention(*inputs, 1, mask),
-                f"cross_attention_head, batch {batch}{', padded keys' if padded else ''}")
-
-
-def check_conditional_cross_attention(module):
-    for batch, nheads, padded in [(1, 4, False), (3, 8, True)]:
-        inputs = attention_inputs(batch, 5, 12, 32, seed=6)
-        mask = padded_mask(batch, 3, 4).flatten(1) if padded else None
-        compare(module.conditional_cross_attention(*inputs, nheads, key_padding_mask=mask),
-                reference_attention(*inputs, nheads, mask),
-                f"conditional_cross_attention, batch {batch}, {nheads} heads{', padded keys' if padded else ''}")
-
-
-def check_box_from_reference(module):
-    """The model's own boxes are the reference: Eq. (1) applied to the box head's raw output."""
-    torch.manual_seed(7)
-    model = cdetr.ConditionalDETR(tiny_cfg()).eval()
-    raw = []
-    hook = model.bbox_embed.register_forward_hook(lambda m, args, out: raw.append(out))
-    with torch.no_grad():
-        model.bbox_embed.layers[-1].weight.normal_(0, 1)
-        out = model.forward_features(torch.randn(2, model.backbone.num_channels, 4, 5), padded_mask(2, 4, 5))
-    hook.remove()
-    compare(module.box_from_reference(raw[0][-1], out["reference_points"]), out["pred_boxes"], "box_from_reference")
-    edge = torch.tensor([[0.0, 1.0], [1e-7, 0.5]])                  # sigmoid(s) at the very edges
-    compare(module.inverse_sigmoid(edge), cdetr.inverse_sigmoid(edge), "inverse_sigmoid at 0 and 1")
-
-
-def check_focal_class_cost(module):
-    g = torch.Generator().manual_seed(8)
-    logits = torch.randn(10, 6, generator=g) * 3
-    for labels in (torch.tensor([0, 5, 2, 2]), torch.tensor([3]), torch.tensor([], dtype=torch.int64)):
-        compare(module.focal_class_cost(logits, labels, alpha=0.25), cdetr.focal_class_cost(logits, labels, alpha=0.25),
-                f"focal_class_cost, {len(labels)} labels")
-
-
-def total_cost(outputs, targets, indices, b) -> float:
-    cost = (2 * cdetr.focal_class_cost(outputs["pred_logits"][b], targets[b]["labels"], 0.25)
-            + 5 * torch.cdist(outputs["pred_boxes"][b], targets[b]["boxes"], p=1)
-            - 2 * torchvision_giou(box_convert(outputs["pred_boxes"][b], "cxcywh", "xyxy"),
-                                   box_convert(targets[b]["boxes"], "cxcywh", "xyxy")))
-    return float(cost[indices[b][0], indices[b][1]].sum())
-
-
-def check_hungarian_match(module):
-    for batch in (1, 3):                                          # with 3, image 1 has no objects
-        outputs, targets, _ = model_outputs(batch, seed=9 + batch)
-        got, want = module.hungarian_match(outputs, targets), cdetr.HungarianMatcher()(outputs, targets)
-        if not isinstance(got, (list, tuple)) or len(got) != batch:
-            raise Different(f"hungarian_match, batch {batch}: expected a list of {batch} (queries, targets) pairs")
-        for b, ((q, t), (q_ref, t_ref)) in enumerate(zip(got, want)):
-            order = torch.as_tensor(q).argsort()                 # the order of the pairs does not matter
-            if len(q) != len(q_ref):
-                raise Different(f"hungarian_match, batch {batch}, image {b}: {len(q)} pairs for {len(q_ref)} objects")
-            if not (torch.equal(torch.as_tensor(q)[order], q_ref) and torch.equal(torch.as_tensor(t)[order], t_ref)):
-                raise Different(f"hungarian_match, batch {batch}, image {b}: a matching of total cost "
-                                f"{total_cost(outputs, targets, [(torch.as_tensor(q), torch.as_tensor(t))] * batch, b):.4f}"
-                                f", not the lowest, {total_cost(outputs, targets, want, b):.4f}")
-
-
-def check_set_loss(module):
-    for batch, aux in [(1, True), (3, True), (2, False)]:       # with 2 or 3, image 1 has no objects
-        outputs, targets, cfg = model_outputs(batch, seed=20 + batch)
-        cfg = tiny_cfg(aux_loss=aux)
-        want = {k: v for k, v in cdetr.SetCriterion(cfg)(outputs, targets).items()
-                if k.startswith(("loss_ce", "loss_bbox", "loss_giou")) or k == "loss"}
-        compare(module.set_loss(outputs, targets, cfg), want, f"set_loss, batch {batch}, aux_loss {aux}")
-
-
-def check_postprocess(module):
-    for batch, num_select in [(1, 100), (2, 7)]:                  # 12 queries x 5 classes = 60 < 100
-        outputs, _, _ = model_outputs(batch, seed=30 + batch)
-        sizes = torch.tensor([[480, 640], [300, 200]])[:batch]
-        compare(module.postprocess(outputs, sizes, num_select), cdetr.PostProcess(num_select)(outputs, sizes),
-                f"postprocess, batch {batch}, num_select {num_select}")
-
-
-# name: (functions the student writes, the check)
+# name: (functions the student writes, run, judge or None (compare), torch alone)
 EXERCISES = {
-    "1a box conversion": (["box_cxcywh_to_xyxy", "box_xyxy_to_cxcywh"], check_box_conversion),
-    "1b generalized IoU": (["generalized_box_iou"], check_generalized_box_iou),
-    "2 key position encoding": (["key_position_encoding"], check_key_position_encoding),
-    "3 reference point embedding": (["reference_point_embedding"], check_reference_point_embedding),
-    "4 conditional spatial query": (["conditional_spatial_query"], check_conditional_spatial_query),
-    "5a one head of cross-attention": (["cross_attention_head"], check_cross_attention_head),
-    "5b all heads": (["conditional_cross_attention"], check_conditional_cross_attention),
-    "6 box from the reference point": (["inverse_sigmoid", "box_from_reference"], check_box_from_reference),
-    "7a focal matching cost": (["focal_class_cost"], check_focal_class_cost),
-    "7b Hungarian matching": (["hungarian_match"], check_hungarian_match),
-    "8 set loss": (["set_loss"], check_set_loss),
-    "9 post-processing": (["postprocess"], check_postprocess),
+    "1a box conversion": (["box_cxcywh_to_xyxy", "box_xyxy_to_cxcywh"], run_box_conversion, None, True),
+    "1b generalized IoU": (["generalized_box_iou"], run_generalized_box_iou, None, True),
+    "2 key position encoding": (["key_position_encoding"], run_key_position_encoding, None, False),
+    "3 reference point embedding": (["reference_point_embedding"], run_reference_point_embedding, None, False),
+    "4 conditional spatial query": (["conditional_spatial_query"], run_conditional_spatial_query, None, False),
+    "5a one head of cross-attention": (["cross_attention_head"], run_cross_attention_head, None, False),
+    "5b all heads": (["conditional_cross_attention"], run_conditional_cross_attention, None, False),
+    "6 box from the reference point": (["inverse_sigmoid", "box_from_reference"], run_box_from_reference, None, False),
+    "7a focal matching cost": (["focal_class_cost"], run_focal_class_cost, None, False),
+    "7b Hungarian matching": (["hungarian_match"], run_hungarian_match, judge_hungarian_match, False),
+    "8 set loss": (["set_loss"], run_set_loss, judge_set_loss, False),
+    "9 post-processing": (["postprocess"], run_postprocess, None, False),
+    "10 boxes under flip and resize": (["hflip_boxes", "resize_boxes"], run_box_transforms, None, True),
+    "11 COCO AP": (["coco_ap", "ap50_not_ap75_detections"], run_coco_ap, judge_coco_ap, False),
+    "12 a conditional decoder layer": (["DecoderLayer"], run_decoder_layer, judge_decoder_layer, False),
 }
 
 
-def check_one(module, name: str) -> tuple[str, str]:
-    """(status, detail) of one exercise: status "correct", "different" or "not implemented yet"."""
-    functions, check = EXERCISES[name]
-    missing = [f for f in functions if not hasattr(module, f)]
-    if missing:
-        return "not implemented yet", f"{module.__name__} has no {missing[0]}"
+# ==========================================================================================
+# The worker: a separate process that imports the student's file and runs the cases
+# ==========================================================================================
+
+def plain(x):
+    """The result in types the grading process reads without unpickling anything of the
+    student's: tensors, numbers, strings, lists and dicts; anything else becomes a marker."""
+    import numpy as np
+    if torch.is_tensor(x):
+        return x.detach().as_subclass(torch.Tensor).cpu().clone()
+    if isinstance(x, np.ndarray) and x.dtype != object:
+        return torch.from_numpy(np.array(x))
+    if isinstance(x, np.generic):
+        return x.item()
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    if isinstance(x, dict):
+        return {str(k): plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [plain(v) for v in x]
+    return {"__unreadable__": type(x).__name__}
+
+
+class Guard:
+    """What the student's code may not reach, enforced in the worker once it is armed: imports
+    of the reference code (a meta-path finder, first in line), opening the reference files and
+    the answers, starting programs (an audit hook, which cannot be removed), and, while an
+    exercise marked "torch alone" runs, any call into torchvision (a profile hook)."""
+
+    PROGRAM_EVENTS = ("subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork",
+                      "os.startfile", "pty.spawn")
+
+    def __init__(self, graded: Path):
+        self.graded = graded.resolve()
+        self.blocked_modules = {"cdetr", "solutions", "check"} - {self.graded.stem}
+        self.armed, self.torch_alone, self.torchvision_call = False, False, None
+        sys.addaudithook(self.audit)
+        guard = self
+
+        class Finder(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                top = name.partition(".")[0]
+                if guard.armed and (top in guard.blocked_modules or (top == "torchvision" and guard.torch_alone)):
+                    raise NotAllowed(f"importing {name} is not allowed here" + (
+                        ": this exercise is torch alone" if top == "torchvision" else ": write the code yourself"))
+                return None
+
+        sys.meta_path.insert(0, Finder())
+
+    def forbidden_file(self, path) -> bool:
+        """The answers, and the reference code's sources and caches (cdetr.*, solutions.*),
+        unless that is the file being graded."""
+        if not isinstance(path, (str, bytes, os.PathLike)):
+            return False
+        name = Path(os.fsdecode(path)).name
+        return name == EXPECTED.name or any(name.startswith(f"{module}.") for module in ("cdetr", "solutions")
+                                            if module in self.blocked_modules)
+
+    def audit(self, event, args):
+        if not self.armed:
+            return
+        if event == "open" and self.forbidden_file(args[0]):
+            raise NotAllowed(f"opening {os.fsdecode(args[0])} is not allowed here")
+        if event.startswith(self.PROGRAM_EVENTS):
+            raise NotAllowed(f"starting programs ({event}) is not allowed here")
+
+    def profile(self, frame, event, arg):
+        if event == "call" and self.torchvision_call is None and f"{os.sep}torchvision{os.sep}" in frame.f_code.co_filename:
+            self.torchvision_call = f"{Path(frame.f_code.co_filename).stem}.{frame.f_code.co_name}"
+
+
+def student_line(e: BaseException, graded: Path) -> str:
+    """' (file line N, in function)': the last line of the student's file in e's traceback."""
+    if isinstance(e, SyntaxError) and e.lineno and Path(e.filename or "").resolve() == graded:
+        return f" ({graded.name} line {e.lineno})"
+    frame = next((f for f in reversed(traceback.extract_tb(e.__traceback__))
+                  if Path(f.filename).resolve() == graded), None)
+    return f" ({graded.name} line {frame.lineno}, in {frame.name})" if frame else ""
+
+
+def crash_message(e: BaseException, graded: Path) -> str:
+    if isinstance(e, NotAllowed):
+        return f"not allowed: {e}{student_line(e, graded)}"
+    if isinstance(e, SyntaxError):
+        return f"SyntaxError: {e.msg}{student_line(e, graded)}"
+    return f"raised {type(e).__name__}: {str(e)[:300]}{student_line(e, graded)}"
+
+
+def save(result: dict, path: Path):
+    tmp = path.with_suffix(".tmp")
+    torch.save(result, tmp)
+    os.replace(tmp, path)
+
+
+def worker(graded: Path, names: list[str], out: Path):
+    """Import the student's file, then run each named exercise's cases; write out/<i>.pt per
+    exercise (and out/import.pt), so the grading process can time each one."""
+    import numpy as np  # noqa: F401  (everything the exercises may use is imported before the guard is armed)
+    import scipy.optimize  # noqa: F401
+    with contextlib.suppress(ImportError):
+        import pycocotools.coco  # noqa: F401
+        import pycocotools.cocoeval  # noqa: F401
+    cases = torch.load(CASES, weights_only=True)
+    guard = Guard(graded)
+    guard.armed = True
     try:
-        check(module)
-    except NotImplementedError:
-        return "not implemented yet", "raise NotImplementedError (here or in a function it calls)"
+        spec = importlib.util.spec_from_file_location(graded.stem, graded)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[graded.stem] = module
+        spec.loader.exec_module(module)
+    except BaseException as e:   # a syntax error, a failed import, even sys.exit: the file scores 0
+        save({"error": f"{graded.name} cannot be imported: {crash_message(e, graded)}"}, out / "import.pt")
+        return
+    save({"error": None}, out / "import.pt")
+    for i, name in enumerate(names):
+        functions, run, _, torch_alone = EXERCISES[name]
+        missing = [f for f in functions if not hasattr(module, f)]
+        if missing:
+            save({"status": "not implemented yet", "detail": f"{graded.stem} has no {missing[0]}"}, out / f"{i}.pt")
+            continue
+        outputs, result = [], None
+        guard.torch_alone, guard.torchvision_call = torch_alone, None
+        sys.setprofile(guard.profile if torch_alone else None)
+        try:
+            for case in cases[name]:
+                outputs.append(plain(run(module, case)))
+        except NotImplementedError:
+            result = {"status": "not implemented yet", "detail": "raise NotImplementedError (here or in a function "
+                                                                 "it calls)"}
+        except NotAllowed as e:
+            result = {"status": "not allowed", "detail": f"{e}{student_line(e, graded)}"}
+        except BaseException as e:
+            result = {"status": "different", "detail": crash_message(e, graded)}
+        finally:
+            sys.setprofile(None)
+        if guard.torchvision_call:
+            result = {"status": "not allowed", "detail": f"calls torchvision ({guard.torchvision_call}); exercise "
+                                                         f"{name.split()[0]} is torch alone"}
+        save(result or {"status": "ran", "outputs": outputs}, out / f"{i}.pt")
+
+
+# ==========================================================================================
+# Grading: start workers, time them, judge their results
+# ==========================================================================================
+
+def module_path(module: str) -> Path:
+    """A module name next to this file (or in the current folder), or a path to a .py file."""
+    candidates = [Path(module)] if module.endswith(".py") else [HERE / f"{module}.py", Path(f"{module}.py")]
+    found = next((p for p in candidates if p.is_file()), None)
+    if found is None:
+        raise FileNotFoundError(f"{candidates[0]}: no such file")
+    return found.resolve()
+
+
+# what a worker may report instead of outputs: never "correct", which only judging gives
+WORKER_STATUSES = ("not implemented yet", "not allowed", "different")
+
+
+def judge(name: str, result: dict, expected: list, cases: list) -> tuple[str, str]:
+    if result.get("status") != "ran":
+        status = result.get("status")
+        return (status, str(result.get("detail"))) if status in WORKER_STATUSES else \
+            ("different", f"the worker reported {str(status)[:40]!r}, which is not a result")
+    _, _, judge_one, _ = EXERCISES[name]
+    try:
+        for i, (got, want, case) in enumerate(zip(result["outputs"], expected, cases)):
+            (judge_one or (lambda g, w, c, what: compare(g, w, what)))(got, want, case, f"{name.split()[0]}, {case['label']}")
     except Different as e:
         return "different", str(e)
-    except Exception as e:   # the student's code crashed: say where, in their file
-        frame = next((f for f in reversed(traceback.extract_tb(e.__traceback__))
-                      if f.filename == getattr(module, "__file__", None)), None)
-        where = f" (line {frame.lineno}, in {frame.name})" if frame else ""
-        return "different", f"raised {type(e).__name__}: {e}{where}"
+    except Exception as e:   # the result is in a form no judge expected: say so, do not crash
+        return "different", f"the result is not in the form the docstring asks for ({type(e).__name__}: {e})"
     return "correct", ""
 
 
-def load(module_name: str):
-    return importlib.import_module(module_name)
+def grade(module: str = "exercises", names: list[str] | None = None,
+          time_limit: float = TIME_LIMIT) -> tuple[list[tuple[str, str, str]], str]:
+    """Grade the named exercises (all by default) of `module`. Returns ([(name, status,
+    detail)], output) where output is the first error of a file that could not be imported
+    ("" otherwise)."""
+    names = list(names or EXERCISES)
+    try:
+        graded = module_path(module)
+    except FileNotFoundError as e:
+        return [(n, "not graded", str(e)) for n in names], str(e)
+    expected, cases = torch.load(EXPECTED, weights_only=True), torch.load(CASES, weights_only=True)
+    results, pending = [], list(names)
+    with tempfile.TemporaryDirectory() as tmp:
+        while pending:
+            out = Path(tempfile.mkdtemp(dir=tmp))
+            with open(out / "log.txt", "w") as log:
+                process = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", str(graded),
+                                            "--out", str(out), *pending], stdout=log, stderr=subprocess.STDOUT,
+                                           stdin=subprocess.DEVNULL, cwd=graded.parent)
+            deadline = time.time() + time_limit + 30       # importing torch and the file
+            waiting_for = out / "import.pt"
+            done = 0
+            while True:
+                if waiting_for.exists():
+                    result = torch.load(waiting_for, weights_only=True)
+                    if waiting_for.name == "import.pt":
+                        if result["error"]:
+                            process.wait()
+                            return [(n, "not graded", result["error"]) for n in names], result["error"]
+                    else:
+                        results.append((pending[done], *judge(pending[done], result, expected[pending[done]],
+                                                              cases[pending[done]])))
+                        done += 1
+                    if done == len(pending):
+                        break
+                    waiting_for, deadline = out / f"{done}.pt", time.time() + time_limit
+                elif process.poll() is not None and not waiting_for.exists():
+                    tail = (out / "log.txt").read_text(errors="replace").strip().splitlines()[-1:] or [""]
+                    what = "importing the file" if waiting_for.name == "import.pt" else pending[done]
+                    message = f"the process running it ended (exit code {process.returncode}) during {what}: {tail[0][:200]}"
+                    if waiting_for.name == "import.pt":
+                        return [(n, "not graded", message) for n in names], message
+                    results.append((pending[done], "different", message))
+                    done += 1
+                    break
+                elif time.time() > deadline:
+                    process.kill()
+                    if waiting_for.name == "import.pt":
+                        message = f"importing the file took longer than {time_limit + 30:.0f} s"
+                        return [(n, "not graded", message) for n in names], message
+                    results.append((pending[done], "timed out", f"stopped after {time_limit:.0f} s (an endless loop?)"))
+                    done += 1
+                    break
+                else:
+                    time.sleep(0.02)
+            process.kill()
+            process.wait()
+            pending = pending[done:]
+    return results, ""
 
 
-def run(*names: str, module_name: str = "exercises") -> list[tuple[str, str, str]]:
-    """Check the named exercises (all by default), print one line each and the score; for the
-    notebook, which re-imports the module so that edits count."""
-    module = importlib.reload(load(module_name))
-    results = [(name, *check_one(module, name)) for name in (names or EXERCISES)]
+def run(*prefixes: str, module_name: str = "exercises", time_limit: float = TIME_LIMIT) -> list[tuple[str, str, str]]:
+    """Grade the exercises whose names start with `prefixes` (all by default), print one line
+    each and the score; the notebook calls this (each call runs the file as it is now)."""
+    names = [n for n in EXERCISES if not prefixes or any(n.startswith(p) for p in prefixes)]
+    results, output = grade(module_name, names, time_limit)
+    if output:
+        print(output)
     for name, status, detail in results:
-        print(f"{name:34} {status}" + (f": {detail}" if detail else ""))
+        print(f"{name:34} {status}" + (f": {detail}" if detail and not output else ""))
     if len(results) > 1:
         print(f"score: {sum(status == 'correct' for _, status, _ in results)}/{len(results)}")
     return results
@@ -338,13 +584,29 @@ def run(*names: str, module_name: str = "exercises") -> list[tuple[str, str, str
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--module", default="exercises", help="the module to check (default: exercises.py here)")
+    parser.add_argument("names", nargs="*", help="grade only the exercises whose names start with these (e.g. 7b 8)")
+    parser.add_argument("--module", default="exercises", help="a module next to this file, or a .py file (default: exercises)")
     parser.add_argument("--json", help="also write the results in Gradescope's results.json format")
+    parser.add_argument("--time-limit", type=float, default=TIME_LIMIT, help=f"seconds per exercise (default {TIME_LIMIT:.0f})")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    results = run(module_name=args.module)
+    if args.worker:
+        return worker(Path(args.worker), args.names, Path(args.out))
+    start = time.time()
+    try:
+        results = run(*args.names, module_name=args.module, time_limit=args.time_limit)
+        output = next((d for _, s, d in results if s == "not graded"), "")
+    except Exception as e:   # the grader's own failure still leaves Gradescope a results file
+        output = f"the grader failed: {type(e).__name__}: {e}"
+        print(output)
+        results = [(name, "not graded", output) for name in EXERCISES]
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({
             "score": sum(status == "correct" for _, status, _ in results),
+            "output": output or f"{sum(s == 'correct' for _, s, _ in results)} of {len(results)} exercises correct",
+            "execution_time": round(time.time() - start, 1),
             "tests": [{"name": name, "score": int(status == "correct"), "max_score": 1,
                        "output": status + (f": {detail}" if detail else "")} for name, status, detail in results]},
             indent=1))

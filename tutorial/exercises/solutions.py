@@ -1,12 +1,17 @@
-"""Solutions to exercises.py: keep this file away from students. Same signatures and contracts;
-written for clarity, with plain torch and scipy (no torchvision, no cdetr)."""
+"""Solutions to exercises.py: keep this file away from students (do not hand out; answers.md
+is its companion). Same signatures and contracts; written for clarity, with plain torch, scipy
+and pycocotools (no torchvision, no cdetr)."""
 
+import contextlib
+import io
 import math
 from collections.abc import Callable
 
 import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 from scipy.optimize import linear_sum_assignment
-from torch import Tensor
+from torch import Tensor, nn
 
 
 # 1. Boxes ---------------------------------------------------------------------------------
@@ -167,3 +172,82 @@ def postprocess(outputs: dict, target_sizes: Tensor, num_select: int = 100) -> l
         absolute = box_cxcywh_to_xyxy(boxes[queries]) * torch.tensor([width, height, width, height], dtype=boxes.dtype)
         results.append({"scores": scores, "labels": labels, "boxes": absolute})
     return results
+
+
+# 10. Boxes under flip and resize ----------------------------------------------------------
+
+def hflip_boxes(boxes: Tensor, width: int) -> Tensor:
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    return torch.stack([width - x1, y0, width - x0, y1], dim=-1)
+
+
+def resize_boxes(boxes: Tensor, old_size: tuple[int, int], new_size: tuple[int, int]) -> Tensor:
+    (old_h, old_w), (new_h, new_w) = old_size, new_size
+    return boxes * torch.tensor([new_w / old_w, new_h / old_h, new_w / old_w, new_h / old_h], dtype=boxes.dtype)
+
+
+# 11. COCO AP ------------------------------------------------------------------------------
+
+def coco_ap(ground_truth: dict, detections: list[dict]) -> dict:
+    with contextlib.redirect_stdout(io.StringIO()):          # pycocotools prints its table
+        coco = COCO()
+        coco.dataset = ground_truth
+        coco.createIndex()
+        evaluator = COCOeval(coco, coco.loadRes(detections), "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return {"AP": float(evaluator.stats[0]), "AP50": float(evaluator.stats[1]), "AP75": float(evaluator.stats[2])}
+
+
+def ap50_not_ap75_detections(ground_truth: dict) -> list[dict]:
+    # A box shifted sideways by a fifth of its width overlaps the object with IoU
+    # (1 - 0.2) / (1 + 0.2) = 0.67: a hit at IoU 0.5, a miss at IoU 0.75.
+    detections = []
+    for annotation in ground_truth["annotations"]:
+        x, y, w, h = annotation["bbox"]
+        detections.append({"image_id": annotation["image_id"], "category_id": annotation["category_id"],
+                           "bbox": [x + w / 5, y, w, h], "score": 1.0})
+    return detections
+
+
+# 12. A conditional decoder layer ----------------------------------------------------------
+
+def _multi_head_attention(q: Tensor, k: Tensor, v: Tensor, nheads: int) -> Tensor:
+    """Ordinary scaled dot-product attention with nheads heads; q, k, v (B, N, D)."""
+    hd = q.shape[-1] // nheads
+    heads = []
+    for h in range(nheads):
+        part = slice(h * hd, (h + 1) * hd)
+        weights = (q[..., part] @ k[..., part].transpose(1, 2) / math.sqrt(hd)).softmax(-1)
+        heads.append(weights @ v[..., part])
+    return torch.cat(heads, dim=-1)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, d_model: int, nheads: int, dim_feedforward: int, is_first: bool):
+        super().__init__()
+        self.nheads, self.is_first = nheads, is_first
+        names = ["sa_qcontent_proj", "sa_qpos_proj", "sa_kcontent_proj", "sa_kpos_proj", "sa_v_proj", "sa_out_proj",
+                 "ca_qcontent_proj", "ca_kcontent_proj", "ca_kpos_proj", "ca_v_proj", "ca_qpos_sine_proj",
+                 "ca_out_proj"] + (["ca_qpos_proj"] if is_first else [])
+        for name in names:
+            setattr(self, name, nn.Linear(d_model, d_model))
+        self.linear1, self.linear2 = nn.Linear(d_model, dim_feedforward), nn.Linear(dim_feedforward, d_model)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d_model), nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+
+    def forward(self, tgt: Tensor, memory: Tensor, key_pos: Tensor, query_pos: Tensor, p_q: Tensor,
+                key_padding_mask: Tensor | None = None) -> Tensor:
+        # self-attention among the queries, positions o_q on queries and keys
+        q = self.sa_qcontent_proj(tgt) + self.sa_qpos_proj(query_pos)
+        k = self.sa_kcontent_proj(tgt) + self.sa_kpos_proj(query_pos)
+        tgt = self.norm1(tgt + self.sa_out_proj(_multi_head_attention(q, k, self.sa_v_proj(tgt), self.nheads)))
+        # conditional cross-attention to the image
+        c_q, c_k, p_k = self.ca_qcontent_proj(tgt), self.ca_kcontent_proj(memory), self.ca_kpos_proj(key_pos)
+        if self.is_first:
+            c_q = c_q + self.ca_qpos_proj(query_pos)
+            c_k = c_k + p_k
+        out = conditional_cross_attention(c_q, self.ca_qpos_sine_proj(p_q), c_k, p_k, self.ca_v_proj(memory),
+                                          self.nheads, key_padding_mask)
+        tgt = self.norm2(tgt + self.ca_out_proj(out))
+        return self.norm3(tgt + self.linear2(torch.relu(self.linear1(tgt))))

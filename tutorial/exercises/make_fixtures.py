@@ -1,0 +1,314 @@
+"""Make the grader's fixtures: cases.pt (the inputs) and expected.pt (the answers).
+
+    python make_fixtures.py          # the teacher's side: needs cdetr.py and solutions.py
+
+The answers come from the repository's own code (cdetr.py, and pixels for exercise 10, and
+pycocotools for 11), and solutions.py must then score full marks on them (checked at the end).
+Every case uses inputs a real batch has (padding, but never an image that is all padding; an
+image without objects; a batch of one) and, where a default would hide a mistake, settings
+that differ from it: loss weights unlike the matching costs, α ≠ 0.25, several class counts.
+The script asserts that those settings change the answer, so a solution that ignores them
+cannot pass. Committed; rerun it only when an exercise changes.
+"""
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import box_convert
+from torchvision.ops import generalized_box_iou as torchvision_giou
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent.parent))
+import cdetr  # noqa: E402
+import check  # noqa: E402
+import solutions  # noqa: E402
+
+LOSS_FIELDS = ("set_cost_class", "set_cost_bbox", "set_cost_giou", "focal_alpha", "aux_loss", "cls_loss_coef",
+               "bbox_loss_coef", "giou_loss_coef")
+# matching costs, loss weights and α all different from one another and from the defaults
+UNUSUAL = dict(set_cost_class=1.0, set_cost_bbox=3.0, set_cost_giou=4.0, focal_alpha=0.4, cls_loss_coef=1.5,
+               bbox_loss_coef=4.0, giou_loss_coef=2.5)
+
+
+def random_boxes(n: int, g) -> torch.Tensor:
+    """(n, 4) normalized (cx, cy, w, h) inside the image."""
+    wh = torch.rand(n, 2, generator=g) * 0.5 + 0.05
+    return torch.cat([wh / 2 + torch.rand(n, 2, generator=g) * (1 - wh), wh], dim=-1)
+
+
+def padded_mask(batch: int, h: int, w: int) -> torch.Tensor:
+    """(batch, h, w) True on padding: image 0 whole, image b its last b rows and columns padded
+    (a real batch: no image is all padding)."""
+    mask = torch.zeros(batch, h, w, dtype=torch.bool)
+    for b in range(1, batch):
+        mask[b, h - min(b, h - 1):, :] = True
+        mask[b, :, w - min(b, w - 1):] = True
+    return mask
+
+
+def tiny_cfg(**overrides) -> cdetr.Config:
+    return cdetr.Config(**{**dict(backbone="resnet18", hidden_dim=32, nheads=4, enc_layers=1, dec_layers=3,
+                                  dim_feedforward=32, num_queries=12, num_classes=5, dropout=0.0), **overrides})
+
+
+def model_outputs(batch: int, num_classes: int, seed: int) -> tuple[dict, list[dict]]:
+    """A tiny random model's outputs (class scores that differ between queries, boxes off the
+    reference points) and random targets; image 1, if any, has no objects."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = cdetr.ConditionalDETR(tiny_cfg(num_classes=num_classes)).eval()
+    with torch.no_grad():
+        model.class_embed.weight.normal_(0, 1)
+        model.class_embed.bias.normal_(0, 1)
+        model.bbox_embed.layers[-1].weight.normal_(0, 0.1)
+        out = model.forward_features(torch.randn(batch, model.backbone.num_channels, 4, 5, generator=g),
+                                     padded_mask(batch, 4, 5))
+    outputs = {"pred_logits": out["pred_logits"], "pred_boxes": out["pred_boxes"], "aux_outputs": out["aux_outputs"]}
+    targets = [{"labels": torch.randint(1, num_classes, (0 if b == 1 else 1 + b % 3,), generator=g),
+                "boxes": random_boxes(0 if b == 1 else 1 + b % 3, g)} for b in range(batch)]
+    return outputs, targets
+
+
+def match_costs(outputs, targets, cost_class, cost_bbox, cost_giou, alpha) -> list[torch.Tensor]:
+    """Each image's (Q, M) matching cost, as cdetr.HungarianMatcher builds it."""
+    return [cost_class * cdetr.focal_class_cost(logits, t["labels"], alpha)
+            + cost_bbox * torch.cdist(boxes, t["boxes"], p=1)
+            - cost_giou * torchvision_giou(box_convert(boxes, "cxcywh", "xyxy"), box_convert(t["boxes"], "cxcywh", "xyxy"))
+            for logits, boxes, t in zip(outputs["pred_logits"], outputs["pred_boxes"], targets)]
+
+
+def set_loss_expected(outputs, targets, cfg: cdetr.Config) -> dict:
+    """cdetr's losses (the terms the exercise returns) and the gradient of "loss" with respect
+    to every prediction, last layer first."""
+    leaves = check.copy_outputs(outputs, requires_grad=True)
+    losses = cdetr.SetCriterion(cfg)(leaves, targets)
+    losses["loss"].backward()
+    layers = [leaves] + leaves["aux_outputs"]
+    return {"losses": {k: v.detach() for k, v in losses.items() if k.startswith(("loss_ce", "loss_bbox", "loss_giou"))
+                       or k == "loss"},
+            "gradient": [{k: layer[k].grad if layer[k].grad is not None else torch.zeros_like(layer[k])
+                          for k in ("pred_logits", "pred_boxes")} for layer in layers]}
+
+
+def pixel_box(image: torch.Tensor, value: int) -> list[float]:
+    """The box (x0, y0, x1, y1) in pixel edges of the pixels of `image` (H, W) equal to value."""
+    ys, xs = (image == value).nonzero(as_tuple=True)
+    return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+
+
+def box_transform_cases() -> tuple[list, list]:
+    """Rectangles painted into an image; the boxes after a flip or an integer upscale are read
+    from the transformed pixels, so the answer is "where the pixels went", not a formula."""
+    H, W = 24, 40
+    rects = [(3, 2, 15, 9), (20, 10, 38, 23), (0, 12, 3, 24)]         # x0, y0, x1, y1 in pixel edges, disjoint
+    image = torch.zeros(H, W, dtype=torch.int64)
+    for value, (x0, y0, x1, y1) in enumerate(rects, 1):
+        image[y0:y1, x0:x1] = value
+    boxes = torch.tensor(rects, dtype=torch.float32)
+    cases, expected = [], []
+    for label, new_size in [("upscaled 3x in y, 2x in x", (72, 80)), ("upscaled 2x", (48, 80))]:
+        flipped = image.flip(-1)
+        resized = F.interpolate(image[None, None].float(), size=new_size, mode="nearest")[0, 0].long()
+        cases.append({"label": f"3 boxes, flipped / {label}", "boxes": boxes, "width": W, "old_size": (H, W),
+                      "new_size": new_size})
+        expected.append({"hflip_boxes": torch.tensor([pixel_box(flipped, v) for v in range(1, 4)]),
+                         "resize_boxes": torch.tensor([pixel_box(resized, v) for v in range(1, 4)])})
+    # a shrink (no whole pixels to read): boxes scale like the image, x by 30/40 and y by 18/24
+    cases.append({"label": "3 boxes, flipped / shrunk to 18 x 30", "boxes": boxes, "width": W, "old_size": (H, W),
+                  "new_size": (18, 30)})
+    expected.append({"hflip_boxes": expected[0]["hflip_boxes"], "resize_boxes": boxes * 0.75})
+    return cases, expected
+
+
+def coco_cases() -> tuple[list, list]:
+    """Hand-made ground truth and detections: exact hits, boxes off by a little and by a lot,
+    a wrong class, a false positive with a high score, a missed object."""
+    images = [{"id": i, "width": 200, "height": 150, "file_name": f"{i}.png"} for i in (1, 2, 3)]
+    boxes = [(1, 1, [10, 10, 50, 40]), (1, 2, [100, 60, 60, 60]), (2, 1, [20, 30, 80, 50]), (3, 2, [5, 5, 40, 100]),
+             (3, 1, [120, 20, 60, 40])]
+    annotations = [{"id": n, "image_id": i, "category_id": c, "bbox": b, "area": b[2] * b[3], "iscrowd": 0}
+                   for n, (i, c, b) in enumerate(boxes, 1)]
+    ground_truth = {"images": images, "annotations": annotations,
+                    "categories": [{"id": 1, "name": "square"}, {"id": 2, "name": "disc"}]}
+    detection_sets = {
+        "hits, near misses, a wrong class, a false positive": [
+            {"image_id": 1, "category_id": 1, "bbox": [10, 10, 50, 40], "score": 0.9},
+            {"image_id": 1, "category_id": 2, "bbox": [110, 60, 60, 60], "score": 0.8},     # IoU 0.71
+            {"image_id": 2, "category_id": 1, "bbox": [22, 31, 80, 50], "score": 0.95},     # IoU 0.91
+            {"image_id": 3, "category_id": 1, "bbox": [5, 5, 40, 100], "score": 0.7},       # wrong class
+            {"image_id": 3, "category_id": 1, "bbox": [150, 20, 60, 40], "score": 0.85},    # IoU 0.33
+            {"image_id": 2, "category_id": 2, "bbox": [0, 0, 30, 30], "score": 0.99}],      # false positive
+        "every object once, one box loose": [
+            {"image_id": a["image_id"], "category_id": a["category_id"], "score": 0.5 + 0.1 * a["id"],
+             "bbox": [a["bbox"][0], a["bbox"][1], a["bbox"][2] * (1.3 if a["id"] == 4 else 1), a["bbox"][3]]}
+            for a in annotations]}
+    cases = [{"label": label, "ground_truth": json.dumps(ground_truth), "detections": json.dumps(detections)}
+             for label, detections in detection_sets.items()]
+    expected = [{"coco_ap": check.reference_coco_ap(ground_truth, detections)} for detections in detection_sets.values()]
+    return cases, expected
+
+
+def decoder_layer_cases() -> tuple[list, list]:
+    """cdetr.DecoderLayer with random weights (biases and LayerNorms too, so that no term can
+    be left out unnoticed), the first layer and a later one."""
+    cases, expected = [], []
+    cfg = tiny_cfg(dim_feedforward=64)
+    g = torch.Generator().manual_seed(12)
+    for is_first in (True, False):
+        torch.manual_seed(12 + is_first)
+        layer = cdetr.DecoderLayer(cfg, is_first).eval()
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+        B, Q, HW, D = 2, 6, 12, cfg.hidden_dim
+        inputs = [torch.randn(B, n, D, generator=g) for n in (Q, HW, HW, Q, Q)]   # tgt, memory, key_pos, o_q, p_q
+        mask = padded_mask(B, 3, 4).flatten(1)
+        tgt, memory, key_pos, query_pos, p_q = inputs
+        with torch.no_grad():
+            out, _ = layer(tgt, memory, key_pos, mask, query_pos, lambda c_q: p_q)
+        weights = {k.removeprefix("ffn."): v for k, v in layer.state_dict().items()}
+        cases.append({"label": "first layer" if is_first else "a later layer", "shape": (D, cfg.nheads, 64, is_first),
+                      "weights": weights, "inputs": inputs, "mask": mask})
+        expected.append(out)
+    return cases, expected
+
+
+def main():
+    cases, expected = {}, {}
+
+    def add(name, case_list, expected_list):
+        cases[name], expected[name] = case_list, expected_list
+
+    g = torch.Generator().manual_seed(1)
+    boxes = [torch.rand(*shape, generator=g) + torch.tensor([0, 0, 0.1, 0.1]) for shape in [(7, 4), (2, 3, 4), (0, 4)]]
+    add("1a box conversion", [{"label": f"boxes {tuple(b.shape)}", "boxes": b} for b in boxes],
+        [{"box_cxcywh_to_xyxy": box_convert(b, "cxcywh", "xyxy"), "box_xyxy_to_cxcywh": box_convert(b, "xyxy", "cxcywh")}
+         for b in boxes])
+
+    g = torch.Generator().manual_seed(2)
+    a, b = box_convert(random_boxes(6, g), "cxcywh", "xyxy"), box_convert(random_boxes(4, g), "cxcywh", "xyxy")
+    far = torch.tensor([[0.9, 0.9, 0.95, 0.95]])
+    pairs = {"random": (a, b), "with a disjoint box": (a, torch.cat([b, far])), "a box with itself": (a[:1], a[:1]),
+             "one against none": (a[:1], a[:0])}
+    add("1b generalized IoU", [{"label": k, "boxes1": x, "boxes2": y} for k, (x, y) in pairs.items()],
+        [torchvision_giou(x, y) for x, y in pairs.values()])
+
+    masks = [(padded_mask(1, 5, 7), 16), (padded_mask(3, 6, 8), 32)]
+    add("2 key position encoding", [{"label": f"mask {tuple(m.shape)}, dim {d}", "mask": m, "dim": d} for m, d in masks],
+        [cdetr.key_position_encoding(m, d) for m, d in masks])
+
+    g = torch.Generator().manual_seed(3)
+    points = [(torch.rand(2, 7, 2, generator=g), 64), (torch.rand(5, 2, generator=g), 16)]
+    add("3 reference point embedding",
+        [{"label": f"points {tuple(p.shape)}, dim {d}", "points": p, "dim": d} for p, d in points],
+        [cdetr.reference_point_embedding(p, d) for p, d in points])
+
+    torch.manual_seed(4)
+    decoder = cdetr.ConditionalDETR(tiny_cfg()).decoder
+    g = torch.Generator().manual_seed(4)
+    f, p_s = torch.randn(2, 12, 32, generator=g), torch.randn(2, 12, 32, generator=g)
+    scale = [t.detach() for layer in decoder.query_scale.layers for t in (layer.weight, layer.bias)]
+    with torch.no_grad():
+        add("4 conditional spatial query",
+            [{"label": f"layer {i}", "layer": i, "f": f, "p_s": p_s, "query_scale": scale} for i in range(3)],
+            [decoder.spatial_query(i, f, None, p_s) for i in range(3)])
+
+    def attention_reference(c_q, p_q, c_k, p_k, v, nheads, mask):
+        split = lambda x: cdetr.split_heads(x, nheads)  # noqa: E731
+        q, k = torch.cat([split(c_q), split(p_q)], -1), torch.cat([split(c_k), split(p_k)], -1)   # (B, nh, *, 2hd)
+        return cdetr.merge_heads(cdetr.attention(q, k, split(v), mask))
+
+    def attention_inputs(batch, dim, seed):
+        g = torch.Generator().manual_seed(seed)
+        return [torch.randn(batch, n, dim, generator=g) for n in (5, 5, 12, 12, 12)]
+
+    head_cases = [{"label": f"batch {b}" + (", padded keys" if b > 1 else ""), "inputs": attention_inputs(b, 8, 5),
+                   "mask": padded_mask(b, 3, 4).flatten(1) if b > 1 else None} for b in (1, 3)]
+    add("5a one head of cross-attention", head_cases,
+        [attention_reference(*c["inputs"], 1, c["mask"]) for c in head_cases])
+    all_cases = [{"label": f"batch {b}, {nh} heads" + (", padded keys" if b > 1 else ""),
+                  "inputs": attention_inputs(b, 32, 6), "nheads": nh, "mask": padded_mask(b, 3, 4).flatten(1) if b > 1 else None}
+                 for b, nh in [(1, 4), (3, 8)]]
+    add("5b all heads", all_cases, [attention_reference(*c["inputs"], c["nheads"], c["mask"]) for c in all_cases])
+
+    torch.manual_seed(7)
+    model = cdetr.ConditionalDETR(tiny_cfg()).eval()
+    raw = []
+    hook = model.bbox_embed.register_forward_hook(lambda m, args, out: raw.append(out))
+    with torch.no_grad():
+        model.bbox_embed.layers[-1].weight.normal_(0, 1)
+        out = model.forward_features(torch.randn(2, model.backbone.num_channels, 4, 5), padded_mask(2, 4, 5))
+    hook.remove()
+    edge = torch.tensor([[0.0, 1.0], [1e-7, 0.5]])
+    add("6 box from the reference point",
+        [{"label": "the tiny model's boxes, and sigmoid(s) at 0 and 1", "box_offsets": raw[0][-1],
+          "reference": out["reference_points"], "edge": edge}],
+        [{"box_from_reference": out["pred_boxes"], "inverse_sigmoid": cdetr.inverse_sigmoid(edge)}])
+
+    g = torch.Generator().manual_seed(8)
+    focal = []
+    for logits, kwargs in [(torch.randn(10, 6, generator=g) * 3, dict(alpha=0.25, gamma=2.0)),
+                           (torch.randn(8, 9, generator=g) * 3, dict(alpha=0.4, gamma=1.5))]:
+        for labels in (torch.tensor([0, 5, 2, 2]), torch.tensor([3]), torch.tensor([], dtype=torch.int64)):
+            focal.append({"label": f"{len(labels)} labels, {logits.shape[1]} classes, α {kwargs['alpha']}, "
+                                   f"γ {kwargs['gamma']}", "logits": logits, "labels": labels, "kwargs": kwargs})
+    add("7a focal matching cost", focal,
+        [cdetr.focal_class_cost(c["logits"], c["labels"], **c["kwargs"]) for c in focal])
+    assert not torch.allclose(cdetr.focal_class_cost(focal[3]["logits"], focal[3]["labels"], 0.25),
+                              cdetr.focal_class_cost(focal[3]["logits"], focal[3]["labels"], **focal[3]["kwargs"]))
+
+    match_cases, match_expected = [], []
+    for batch, classes, kwargs in [(1, 5, {}), (3, 9, {}),
+                                   (3, 9, dict(cost_class=6.0, cost_bbox=1.0, cost_giou=1.5, alpha=0.4))]:
+        outputs, targets = model_outputs(batch, classes, seed=9 + batch + len(kwargs))
+        full = dict(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, alpha=0.25) | kwargs
+        matcher = cdetr.HungarianMatcher(full["cost_class"], full["cost_bbox"], full["cost_giou"], full["alpha"])
+        match_cases.append({"label": f"batch {batch}, {classes} classes" + (", costs 6, 1, 1.5 and α 0.4" if kwargs else ""),
+                            "outputs": outputs, "targets": targets, "kwargs": kwargs})
+        match_expected.append({"indices": matcher(outputs, targets), "costs": match_costs(outputs, targets, **full)})
+        if kwargs:   # the unusual costs change the matching: a solution that ignores them fails
+            default = cdetr.HungarianMatcher()(outputs, targets)
+            assert any(not (torch.equal(q, q2) and torch.equal(t, t2))
+                       for (q, t), (q2, t2) in zip(default, match_expected[-1]["indices"]))
+    add("7b Hungarian matching", match_cases, match_expected)
+
+    loss_cases, loss_expected = [], []
+    for batch, classes, aux, unusual in [(1, 5, True, False), (3, 9, True, True), (2, 5, False, True)]:
+        outputs, targets = model_outputs(batch, classes, seed=20 + batch)
+        cfg = tiny_cfg(num_classes=classes, aux_loss=aux, **(UNUSUAL if unusual else {}))
+        loss_cases.append({"label": f"batch {batch}, {classes} classes, aux_loss {aux}" +
+                           (", unusual costs, weights and α" if unusual else ""),
+                           "outputs": outputs, "targets": targets, "cfg": {k: asdict(cfg)[k] for k in LOSS_FIELDS}})
+        loss_expected.append(set_loss_expected(outputs, targets, cfg))
+        if unusual:  # the defaults give another loss: a solution that ignores cfg fails
+            default = set_loss_expected(outputs, targets, tiny_cfg(num_classes=classes, aux_loss=aux))
+            assert not torch.isclose(default["losses"]["loss"], loss_expected[-1]["losses"]["loss"])
+    add("8 set loss", loss_cases, loss_expected)
+
+    post_cases = []
+    for batch, classes, num_select in [(1, 5, 100), (2, 9, 7)]:          # 12 queries x 5 classes = 60 < 100
+        outputs, _ = model_outputs(batch, classes, seed=30 + batch)
+        post_cases.append({"label": f"batch {batch}, {classes} classes, num_select {num_select}", "outputs": outputs,
+                           "target_sizes": torch.tensor([[480, 640], [300, 200]])[:batch], "num_select": num_select})
+    add("9 post-processing", post_cases,
+        [cdetr.PostProcess(c["num_select"])(c["outputs"], c["target_sizes"]) for c in post_cases])
+
+    add("10 boxes under flip and resize", *box_transform_cases())
+    add("11 COCO AP", *coco_cases())
+    add("12 a conditional decoder layer", *decoder_layer_cases())
+
+    assert list(cases) == list(check.EXERCISES), "make_fixtures.py and check.EXERCISES name different exercises"
+    torch.save(cases, check.CASES)
+    torch.save(expected, check.EXPECTED)
+    print(f"wrote {check.CASES.name} ({check.CASES.stat().st_size / 1e3:.0f} kB) and {check.EXPECTED.name} "
+          f"({check.EXPECTED.stat().st_size / 1e3:.0f} kB); grading solutions.py:")
+    results = check.run(module_name="solutions")
+    assert all(status == "correct" for _, status, _ in results), "solutions.py does not score full marks"
+
+
+if __name__ == "__main__":
+    main()
