@@ -37,11 +37,15 @@ Deliberate differences from the paper and the official code
        the official code hard-wires 128, which is the same number when hidden_dim = 256.
     4. `cardinality_error` (logging only) counts queries whose best class probability
        exceeds 0.5; the official code counts argmax != last class, a leftover of DETR's softmax.
-    5. `decoder="detr"` is a DETR-style baseline built from the same parts (see `DecoderLayer`),
-       not the original DETR recipe: it keeps the focal loss, 300 queries and separate
-       content/position projections, so a comparison isolates the cross-attention.
+    5. Two DETR-style baselines are built from the same parts (see `DecoderLayer`), not the
+       original DETR recipe: both keep the focal loss, 300 queries and separate content/position
+       projections. `decoder="detr-offset"` (Table 4's 36.9 row) also keeps the predicted
+       reference point and the offset regression of Eq. (1): against the paper's model it lacks
+       only the conditional spatial query. `decoder="detr"` drops those two as well, so against
+       the paper's model it differs in two components.
     6. The ablations of §4.3 (Table 3, Fig. 5, the reference point) are Config switches
-       (see Decoder); the defaults are the paper's design, bit for bit the official model.
+       (see Decoder); the defaults are the paper's design, the official model's computation
+       (equal to float rounding, difference 2).
 """
 
 import argparse
@@ -66,8 +70,10 @@ from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 # ----------------------------------------------------------------------------------------
-# Configuration. Defaults are the paper's Conditional DETR-R50 recipe, with the official
-# argument names.
+# Configuration. Defaults are the paper's Conditional DETR-R50 (architecture, losses,
+# optimisation), with the official argument names; except pretrained_backbone, False so that
+# building a model to load weights into downloads nothing (train.py turns it on for a new run of
+# the paper's presets).
 # ----------------------------------------------------------------------------------------
 
 
@@ -78,6 +84,9 @@ class InputError(Exception):
 
 class ConfigError(InputError, ValueError):
     """A Config value the model cannot use."""
+
+class WeightsError(InputError):
+    """Weights that cannot be used; the message names the file or source and the problem."""
 
 
 @dataclass
@@ -98,7 +107,7 @@ class Config:
     dropout: float = 0.1
     num_queries: int = 300
     num_classes: int = 91                 # max category id + 1 (COCO ids are used directly)
-    decoder: str = "conditional"          # "conditional" or "detr" (the baseline)
+    decoder: str = "conditional"          # "conditional"; baselines "detr-offset" (Table 4, 36.9), "detr"
     # the ablations of §4.3 (decoder="conditional"; see Decoder). Defaults: the paper's design.
     reference_point: str = "predicted"    # s from o_q; "learned" per query; "zero": s = (0, 0)
     spatial_query: str = "csq"            # Table 3: "csq", "csq-c", "csq-t", "csq-p", "csq-i"
@@ -117,14 +126,14 @@ class Config:
     lr: float = 1e-4
     lr_backbone: float = 1e-5
     weight_decay: float = 1e-4
-    batch_size: int = 2                   # per process; the paper used 8 GPUs x 2
+    batch_size: int = 2                   # per process; the official scripts: 8 GPUs x 2
     epochs: int = 50
-    lr_drop: int = 40                     # lr x 0.1 from this epoch on
+    lr_drop: int = 40                     # lr x 0.1 after this many epochs (epoch 41 is the first at lr / 10)
     clip_max_norm: float = 0.1
 
     def __post_init__(self):
         checks = [
-            (self.decoder in ("conditional", "detr"), f"decoder must be 'conditional' or 'detr', not {self.decoder!r}"),
+            (self.decoder in ("conditional", "detr-offset", "detr"), f"decoder must be 'conditional', 'detr-offset' or 'detr', not {self.decoder!r}"),
             (self.reference_point in ("predicted", "learned", "zero"), f"reference_point must be 'predicted', 'learned' or 'zero', not {self.reference_point!r}"),
             (self.spatial_query in ("csq", "csq-c", "csq-t", "csq-p", "csq-i"), f"spatial_query must be one of csq, csq-c, csq-t, csq-p, csq-i (Table 3), not {self.spatial_query!r}"),
             (self.query_transform in ("diagonal", "scalar", "block", "full"), f"query_transform must be 'diagonal', 'scalar', 'block' or 'full' (Fig. 5), not {self.query_transform!r}"),
@@ -179,10 +188,15 @@ class Backbone(nn.Module):
             # [ours] IMAGENET1K_V1 are the weights torchvision's old `pretrained=True` gave,
             # which is what the official code trained from.
             weights = torchvision.models.get_model_weights(cfg.backbone).IMAGENET1K_V1
-        resnet = torchvision.models.get_model(
-            cfg.backbone, weights=weights,
-            norm_layer=FrozenBatchNorm2d if cfg.frozen_batchnorm else nn.BatchNorm2d,
-            replace_stride_with_dilation=[False, False, cfg.dilation])
+        try:
+            resnet = torchvision.models.get_model(
+                cfg.backbone, weights=weights,
+                norm_layer=FrozenBatchNorm2d if cfg.frozen_batchnorm else nn.BatchNorm2d,
+                replace_stride_with_dilation=[False, False, cfg.dilation])
+        except OSError as e:   # no network, or the download broke off
+            raise WeightsError(f"the ImageNet weights of {cfg.backbone} could not be downloaded from {weights.url} "
+                               f"({type(e).__name__}: {e}); with no network, train from scratch instead: --set "
+                               f"pretrained_backbone=false train_backbone=all frozen_batchnorm=false") from None
         last = f"layer{cfg.backbone_stages}"
         for name, parameter in resnet.named_parameters():
             trainable = {"all": True, "none": False,
@@ -191,7 +205,8 @@ class Backbone(nn.Module):
         block = getattr(resnet, last)[-1]
         self.num_channels = (block.conv3 if hasattr(block, "conv3") else block.conv2).out_channels
         self.body = IntermediateLayerGetter(resnet, return_layers={last: "features"})
-        # [ours] channels-last memory order (NHWC): faster convolutions and pooling on CPUs and GPUs
+        # [ours] channels-last memory order (NHWC): faster convolutions and pooling on this CPU
+        # (benchmarks/levers.py; untimed on GPUs, where it is the usual advice for convolutions)
         self.body.to(memory_format=torch.channels_last)
 
     def forward(self, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -375,12 +390,16 @@ class DecoderLayer(nn.Module):
     projection to c_q and p_k to c_k (§3.5, first layer; the official code has ca_qpos_proj in
     layer 0 only).
 
-    decoder="detr": DETR's cross-attention (§3.2, Eq. (2)), q = c_q + W o_q (the object query,
-    in every layer) and k = c_k + p_k; no reference point, no concatenation. With the focal loss
-    and 300 queries kept, this is Table 4's "DETR + focal loss and 300 queries" row: no offset
-    regression from a reference point, no conditional spatial query. Unlike the original DETR,
+    decoder="detr" and "detr-offset": DETR's cross-attention (§3.2, Eq. (2)), q = c_q + W o_q
+    (the object query, in every layer) and k = c_k + p_k; no concatenation. With "detr-offset"
+    the boxes are still regressed from the predicted reference point (Eq. (1), see Decoder):
+    Table 4's "focal loss and 300 queries + offset regression" row (36.9 AP), the paper's model
+    without its conditional spatial query. With "detr" there is no reference point either: one of
+    Table 4's single-component rows (the text leaves open which). Unlike the original DETR,
     content and position have separate projections (W_c c + W_p p rather than W (c + p)),
-    which can only represent more. Parameter names follow the official code throughout.
+    which can only represent more. The decoder's projection names follow the official code;
+    the attention output projections (sa_out_proj, ca_out_proj), the FFN (ffn.linear1/2), the
+    encoder's q/k/v and backbone.body differ, which convert_official_state_dict maps.
     """
 
     def __init__(self, cfg: Config, is_first: bool):
@@ -408,7 +427,7 @@ class DecoderLayer(nn.Module):
         """tgt (B, Q, D) the decoder embeddings f; memory, key_pos (B, HW, D) the encoder output
         and p_k; key_padding_mask (B, HW); query_pos (B, Q, D) the object queries o_q;
         spatial_query maps this layer's self-attention output (B, Q, D) to p_q (B, Q, D)
-        (Decoder.spatial_query; None for decoder="detr"). Returns the new tgt (B, Q, D) and, if
+        (Decoder.spatial_query; None for the DETR-style decoders). Returns the new tgt (B, Q, D) and, if
         return_attention, the cross-attention logits {"content", "spatial", "combined"}, each
         (B, nh, Q, HW)."""
         nh, p = self.nheads, self.attn_dropout if self.training else 0.0
@@ -462,18 +481,21 @@ class Decoder(nn.Module):
         spatial_query    Table 3: "csq" λ_q ⊙ p_s (40.9), "csq-c" f itself (37.1), "csq-t" λ_q
                          alone (37.6), "csq-p" p_s alone (37.8), "csq-i" λ from c_q, not f (40.2)
         query_transform  Fig. 5, the form of T in p_q = T p_s: "diagonal" (λ_q, 40.9), "scalar"
-                         (39.0), "block" (one hd x hd matrix per head, 40.8), "full" (D x D, 40.7)
+                         (39.0), "block" (block-diagonal, nh blocks of D/nh x D/nh, 40.8), "full"
+                         (D x D, 40.7). The blocks act on D/nh consecutive features of p_s: with
+                         its y features first, half the blocks mix y frequencies, half x ones.
     """
 
     def __init__(self, cfg: Config):
         super().__init__()
         D = cfg.hidden_dim
         self.cfg, self.conditional = cfg, cfg.decoder == "conditional"
+        self.has_reference = cfg.decoder != "detr"                # s and Eq. (1): also "detr-offset"
         self.layers = nn.ModuleList(DecoderLayer(cfg, is_first=i == 0) for i in range(cfg.dec_layers))
         self.norm = nn.LayerNorm(D)
-        if self.conditional and cfg.reference_point == "predicted":
+        if self.has_reference and cfg.reference_point == "predicted":
             self.ref_point_head = MLP(D, D, 2, 2)                 # o_q -> s
-        if self.conditional and cfg.reference_point == "learned":
+        if self.has_reference and cfg.reference_point == "learned":
             self.ref_point = nn.Parameter(torch.zeros(cfg.num_queries, 2))    # s; set by ConditionalDETR's init
         if self.conditional and cfg.spatial_query in ("csq", "csq-t", "csq-i"):
             width = {"diagonal": D, "scalar": 1, "block": D * D // cfg.nheads, "full": D * D}[cfg.query_transform]
@@ -497,7 +519,7 @@ class Decoder(nn.Module):
         if T.shape[-1] <= p_s.shape[-1]:
             # [paper §3.3, Eq. (6)] p_q = T p_s = λ_q ⊙ p_s, T diagonal (Fig. 5 "scalar": λ_q (B, Q, 1))
             return T * p_s
-        B, Q, D = p_s.shape                      # Fig. 5: block-diagonal (one block per head) or full
+        B, Q, D = p_s.shape                      # Fig. 5: block-diagonal (nh blocks of D/nh) or full
         n = self.cfg.nheads if self.cfg.query_transform == "block" else 1
         T = T.view(B, Q, n, D // n, D // n)                                  # (B, Q, n, D/n, D/n)
         return (T @ p_s.view(B, Q, n, D // n, 1)).view(B, Q, D)
@@ -512,7 +534,7 @@ class Decoder(nn.Module):
         B, Q, D = query_pos.shape
         tgt = torch.zeros_like(query_pos)          # f: the decoder embedding starts at zero
         reference = p_s = None
-        if self.conditional:
+        if self.has_reference:
             # [paper §3.5] the unnormalized reference point s is predicted from the object query
             # [ours] s is the same for every layer; the decoder does not refine it.
             if self.cfg.reference_point == "predicted":
@@ -522,6 +544,7 @@ class Decoder(nn.Module):
             else:                                                            # §4.3: s = (0, 0)
                 s = query_pos.new_zeros(B, Q, 2)
             reference = s.sigmoid()                                          # (B, Q, 2) sigmoid(s)
+        if self.conditional:
             # [paper §3.3, Eq. (5)] p_s = sinusoidal(sigmoid(s)), embedded like the keys' p_k
             p_s = reference_point_embedding(reference, D)                    # (B, Q, D)
         hs, maps = [], []
@@ -551,7 +574,7 @@ class ConditionalDETR(nn.Module):
         pred_logits (B, Q, C) class logits (sigmoid, no "no object" class),
         pred_boxes (B, Q, 4) normalized (cx, cy, w, h),
         aux_outputs: list of L-1 dicts with those two keys, one per earlier decoder layer,
-        reference_points (B, Q, 2) sigmoid(s), normalized (x, y) [decoder="conditional" only],
+        reference_points (B, Q, 2) sigmoid(s), normalized (x, y) [not for decoder="detr"],
         attention: list of L dicts of logits (B, nh, Q, HW) [return_attention=True only]."""
 
     def __init__(self, cfg: Config):
@@ -568,15 +591,23 @@ class ConditionalDETR(nn.Module):
         self._reset_parameters()
 
     def _reset_parameters(self):
-        # [ours] the official initialisation: xavier for the transformer's matrices, zero
-        # biases where it used nn.MultiheadAttention, focal-loss prior 0.01 on the class
-        # bias (so early training is not swamped by negatives), and a zero last box layer
-        # (so the first boxes sit on the reference points).
+        # [ours] the official initialisation, the same distribution for every parameter
+        # (tests/test_model.py compares each with the official code's): xavier for the
+        # transformer's matrices, zero biases where it used nn.MultiheadAttention, focal-loss
+        # prior 0.01 on the class bias (so early training is not swamped by negatives), and a
+        # zero last box layer (so the first boxes sit on the reference points); torch's
+        # defaults elsewhere.
         for module in (self.encoder, self.decoder):
             for p in module.parameters():
                 if p.dim() > 1:
                     nn.init.xavier_uniform_(p)
         for layer in self.encoder.layers:
+            # the official q/k/v weights are one packed (3D, D) in_proj_weight, whose xavier bound
+            # sqrt(6 / 4D) is narrower than three separate (D, D) matrices' sqrt(6 / 2D)
+            packed = nn.init.xavier_uniform_(torch.empty(3 * layer.q_proj.in_features, layer.q_proj.in_features))
+            with torch.no_grad():
+                for proj, part in zip((layer.q_proj, layer.k_proj, layer.v_proj), packed.chunk(3)):
+                    proj.weight.copy_(part)
             for proj in (layer.q_proj, layer.k_proj, layer.v_proj, layer.out_proj):
                 nn.init.zeros_(proj.bias)
         for layer in self.decoder.layers:
@@ -629,7 +660,9 @@ def cross_attention_maps(model: ConditionalDETR, images: Tensor, mask: Tensor, l
     """For paper Figures 1 and 4: one decoder layer's cross-attention weights, softmaxed over
     the image. Returns {"content", "spatial", "combined"}: each (B, nh, Q, h, w), with
     "spatial" = softmax(p_q · p_k), "content" = softmax(c_q · c_k) and "combined" the weights
-    the layer really used; plus "outputs", the model's output dict."""
+    the layer really used; plus "outputs", the model's output dict. In the first decoder layer
+    of the conditional decoder c_q and c_k include o_q's projection and p_k (§3.5), so its
+    "content" map holds those terms too; from the second layer on it is content alone."""
     features, feature_mask = model.backbone(images, mask.bool())
     out = model.forward_features(features, feature_mask, return_attention=True)
     h, w = feature_mask.shape[-2:]
@@ -680,8 +713,8 @@ class HungarianMatcher(nn.Module):
         boxes = outputs["pred_boxes"].flatten(0, 1).float()                  # (B*Q, 4)
         labels = torch.cat([t["labels"] for t in targets])                   # (M,)
         target_boxes = torch.cat([t["boxes"] for t in targets]).to(boxes)    # (M, 4)
-        # [ours] one cost matrix for the whole batch, cut per image below: cheaper than B
-        # small ones and gives the same assignment.
+        # [ours] one cost matrix for the whole batch, cut per image below: the official
+        # matcher's layout, and the same assignment as B separate ones.
         cost = (self.cost_class * focal_class_cost(logits, labels, self.focal_alpha)
                 + self.cost_bbox * torch.cdist(boxes, target_boxes, p=1)
                 - self.cost_giou * generalized_box_iou(box_convert(boxes, "cxcywh", "xyxy"),
@@ -803,8 +836,6 @@ class PostProcess(nn.Module):
 # ----------------------------------------------------------------------------------------
 
 
-class WeightsError(InputError):
-    """Weights that cannot be used; the message names the file or source and the problem."""
 
 
 def convert_official_state_dict(official: dict[str, Tensor]) -> dict[str, Tensor]:

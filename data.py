@@ -47,10 +47,50 @@ class DatasetError(cdetr.InputError):
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+def official_resized_size(height: int, width: int, size: int, max_size: int | None = None) -> tuple[int, int]:
+    """(height, width) of an image resized so that its shorter side is `size` and its longer
+    side at most `max_size`, rounded as the official code rounds (datasets/transforms.py,
+    `resize`): when the limit binds, the shorter side becomes round(max_size * short / long);
+    the longer side is then truncated, int(size * long / short). [ours] v2.RandomShortestSize
+    rounds otherwise (640 x 360 at 800, max 1333: 749 x 1333 there, 750 x 1333 here)."""
+    short, long = min(height, width), max(height, width)
+    if max_size is not None and long / short * size > max_size:
+        size = int(round(max_size * short / long))
+    if short == size:
+        return height, width
+    return (int(size * height / width), size) if width < height else (size, int(size * width / height))
+
+
+class RandomResize:
+    """Resize to one of `sizes` (the shorter side, drawn at random; python's `random`), the
+    longer side at most `max_size`, with the official rounding; boxes move with the pixels.
+    Callable on an image, or on (image, {"boxes": BoundingBoxes, ...})."""
+
+    def __init__(self, sizes: list[int], max_size: int | None = None):
+        self.sizes, self.max_size = list(sizes), max_size
+
+    def __call__(self, image, target=None):
+        size = self.sizes[0] if len(self.sizes) == 1 else random.choice(self.sizes)
+        new_size = list(official_resized_size(*TF.get_size(image), size, self.max_size))
+        image = TF.resize(image, new_size)
+        return image if target is None else (image, dict(target, boxes=TF.resize(target["boxes"], new_size)))
+
+
+class KeepBoxesWithArea:
+    """Drop the boxes (and their labels) left without width or height by a crop, keeping every
+    box of positive width and height as the official crop does. [ours] v2.SanitizeBoundingBoxes
+    cannot: its smallest min_size is one pixel."""
+
+    def __call__(self, image, target):
+        boxes = target["boxes"]
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        return image, dict(target, boxes=tv_tensors.wrap(boxes[keep], like=boxes), labels=target["labels"][keep])
+
+
 class RandomSizeCrop:
     """Crop a random region whose width and height are drawn uniformly from
     [min_size, min(max_size, image side)]; the one step of the recipe v2 lacks.
-    Boxes are cut to the crop; SanitizeBoundingBoxes afterwards drops the ones that vanish."""
+    Boxes are cut to the crop; KeepBoxesWithArea afterwards drops the ones that vanish."""
 
     def __init__(self, min_size: int, max_size: int):
         self.min_size, self.max_size = min_size, max_size
@@ -77,11 +117,11 @@ def make_transforms(train: bool, image_size: int = 800) -> v2.Compose:
     s = image_size / 800
     scaled = lambda sizes: [max(1, round(x * s)) for x in sizes]  # noqa: E731
     max_size = round(1333 * s)
-    multi_scale = v2.RandomShortestSize(scaled(range(480, 801, 32)), max_size=max_size)
-    finish = [v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=1), *_to_normalized_tensor()]
+    multi_scale = RandomResize(scaled(range(480, 801, 32)), max_size=max_size)
+    finish = [v2.ClampBoundingBoxes(), KeepBoxesWithArea(), *_to_normalized_tensor()]
     if not train:
-        return v2.Compose([v2.RandomShortestSize([image_size], max_size=max_size)] + finish)
-    crop_then_resize = v2.Compose([v2.RandomShortestSize(scaled([400, 500, 600])),
+        return v2.Compose([RandomResize([image_size], max_size=max_size)] + finish)
+    crop_then_resize = v2.Compose([RandomResize(scaled([400, 500, 600])),
                                    RandomSizeCrop(*scaled([384, 600])), multi_scale])
     return v2.Compose([v2.RandomHorizontalFlip(), v2.RandomChoice([multi_scale, crop_then_resize])] + finish)
 
@@ -291,7 +331,7 @@ def collate(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
 def prepare(images: list[Image.Image], image_size: int = 800) -> tuple[torch.Tensor, torch.Tensor]:
     """PIL images -> (images (B, 3, H, W), mask (B, H, W)) for the model, resized and normalized
     as for validation; for inference on images without annotations."""
-    transform = v2.Compose([v2.RandomShortestSize([image_size], max_size=round(1333 * image_size / 800)),
+    transform = v2.Compose([RandomResize([image_size], max_size=round(1333 * image_size / 800)),
                             *_to_normalized_tensor()])
     batch, mask, _ = collate([(transform(image.convert("RGB")), None) for image in images])
     return batch, mask

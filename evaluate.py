@@ -54,6 +54,14 @@ def predict(model: cdetr.ConditionalDETR, loader, device, amp: bool = False) -> 
     return detections
 
 
+def evaluation_batch_size(cfg: cdetr.Config, batch_size: int) -> int:
+    """Images per evaluation batch: 1 for DC5 models, as the official code evaluates them (its
+    README warns that DC5 loses AP with more: in a batch, an image's padding changes what the
+    dilated last stage, with its wide receptive field, sees near the image's edges), else
+    `batch_size`."""
+    return 1 if cfg.dilation else batch_size
+
+
 def coco_metrics(coco_gt, detections: list[dict], image_ids: list[int]) -> dict:
     """The 12 COCO box metrics of `detections` on `image_ids` (METRICS), and "AP_per_class":
     {class name: AP, or None for a class with no box in these images}; prints both tables.
@@ -202,7 +210,8 @@ def main():
     parser.add_argument("--visualize", type=int, default=0, metavar="N",
                         help="draw ground truth and detections side by side for N images")
     parser.add_argument("--threshold", type=float, default=0.3, help="score threshold for the pictures and --detect")
-    parser.add_argument("--batch-size", type=data.positive_int, default=8)
+    parser.add_argument("--batch-size", type=data.positive_int,
+                        help="images per batch (default: 8, and 1 for DC5 models, which lose AP to padding otherwise)")
     parser.add_argument("--num-workers", type=int, choices=range(0, 65), metavar="N", default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", action="store_true",
@@ -243,7 +252,11 @@ def main():
     if dataset.num_classes > model.cfg.num_classes:
         warnings.warn(f"{annotation_file} has category ids up to {dataset.num_classes - 1} but the model "
                       f"predicts only {model.cfg.num_classes} classes")
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
+    if args.batch_size and args.batch_size > 1 and model.cfg.dilation:
+        print(f"warning: --batch-size {args.batch_size} with a DC5 model: padding in a batch lowers its AP (the "
+              f"official code evaluates DC5 one image at a time, the default here)")
+    batch_size = args.batch_size or evaluation_batch_size(model.cfg, 8)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=args.num_workers,
                                          collate_fn=data.collate, pin_memory=device.type == "cuda")
     detections = predict(model, loader, device, args.amp)
     metrics = coco_metrics(dataset.coco, detections, dataset.ids)

@@ -1,8 +1,8 @@
 """Train Conditional DETR.
 
     python train.py                                   # built-in shapes data, tiny preset, CPU
-    python train.py --coco-path /data/coco --preset r50 --pretrained-backbone
-    torchrun --nproc_per_node=8 train.py --coco-path /data/coco --preset r50 --pretrained-backbone
+    python train.py --coco-path /data/coco --preset r50          # ImageNet backbone, as the paper
+    torchrun --nproc_per_node=8 train.py --coco-path /data/coco --preset r50
     python train.py --coco-path /data/mine --init-from r50 --epochs 12             # fine-tune the COCO model
 
 Each epoch trains, evaluates COCO AP on the validation set, appends a line to
@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 import cdetr
 import data
-from evaluate import coco_metrics, predict
+from evaluate import coco_metrics, evaluation_batch_size, predict
 
 
 def parse_args(argv=None):
@@ -51,8 +51,13 @@ def parse_args(argv=None):
     m = p.add_argument_group("model and optimisation (defaults come from the preset)")
     m.add_argument("--preset", choices=sorted(cdetr.PRESETS),
                    help="recipe from cdetr.PRESETS (default: tiny for the shapes data, r50 otherwise)")
-    m.add_argument("--decoder", choices=["conditional", "detr"], help="conditional (the paper) or the DETR baseline")
-    m.add_argument("--pretrained-backbone", action="store_true", help="start the backbone from ImageNet weights (downloads)")
+    m.add_argument("--decoder", choices=["conditional", "detr-offset", "detr"],
+                   help="conditional (the paper), or a DETR-style baseline: detr-offset keeps the reference point and the "
+                        "offset regression of Eq. (1) (Table 4, 36.9 AP), detr drops them too")
+    m.add_argument("--pretrained-backbone", action="store_true",
+                   help="start the backbone from ImageNet weights (downloads once). The paper's presets (r50, r50-dc5, "
+                        "r101, r101-dc5) do so by default in a new run; --set pretrained_backbone=false "
+                        "train_backbone=all frozen_batchnorm=false trains them from scratch instead")
     m.add_argument("--epochs", type=data.positive_int, help="epochs to train (with --resume: the new total)")
     m.add_argument("--batch-size", type=data.positive_int, help="images per process and step")
     m.add_argument("--lr", type=float, help="learning rate of the transformer and heads")
@@ -126,6 +131,9 @@ def set_rng_states(states: dict):
     if torch.cuda.is_available() and states["cuda"]:
         torch.cuda.set_rng_state_all(states["cuda"])
 
+
+# Presets named after the paper's models: a new run of one starts from ImageNet weights.
+PAPER_PRESETS = ("r50", "r50-dc5", "r101", "r101-dc5")
 
 # Flags that only choose the config: on --resume the checkpoint's config wins over them.
 CONFIG_FLAGS = ("preset", "decoder", "batch_size", "lr", "lr_backbone", "image_size", "set", "pretrained_backbone")
@@ -252,8 +260,18 @@ def main(argv=None):
         origin = f"the config of {args.init_from}"
     else:
         args.preset = args.preset or default_preset
-        cfg = make_config(args, cdetr.preset(args.preset))
+        base = cdetr.preset(args.preset)
+        if args.preset in PAPER_PRESETS:               # the paper's models train from an ImageNet backbone
+            base = replace(base, pretrained_backbone=True)
+        cfg = make_config(args, base)
         origin = f"preset {args.preset}"
+    if not (checkpoint or pretrained) and not cfg.pretrained_backbone and (
+            cfg.frozen_batchnorm or cfg.train_backbone != "all"):
+        raise cdetr.ConfigError(
+            f"{origin}: without ImageNet weights (pretrained_backbone=false) the backbone would train around random "
+            f"layers that never change (train_backbone={cfg.train_backbone}) or identity BatchNorm (frozen_batchnorm="
+            f"{cfg.frozen_batchnorm}); use --pretrained-backbone, or train it all from scratch: --set "
+            f"pretrained_backbone=false train_backbone=all frozen_batchnorm=false")
     if default_preset == "tiny":                       # once every setting has been checked
         if main_process:
             data.ensure_shapes_dataset(args.shapes_dir)
@@ -313,7 +331,8 @@ def main(argv=None):
               f"{len(train_set)} training / {len(val_set)} validation images, {world_size} process(es) on {device}")
     val_shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world_size))
     on_gpu = device.type == "cuda"        # pinned host memory lets the copies to the GPU overlap the work
-    val_loader = torch.utils.data.DataLoader(val_shard, batch_size=cfg.batch_size * 2, num_workers=args.num_workers,
+    val_loader = torch.utils.data.DataLoader(val_shard, batch_size=evaluation_batch_size(cfg, cfg.batch_size * 2),
+                                             num_workers=args.num_workers,
                                              collate_fn=data.collate, pin_memory=on_gpu)
 
     epoch, steps = start_epoch, 0

@@ -1,20 +1,26 @@
 """The paper's claim on your machine: the conditional decoder converges faster than DETR's.
 
-    python benchmarks/convergence.py                         # the committed result (about 2 hours on 2 cores)
-    python benchmarks/convergence.py --seeds 42 --baseline-epochs 14 --reuse   # a quick look
+    python benchmarks/convergence.py                         # all runs (about 3 hours on 2 cores)
+    python benchmarks/convergence.py --reuse-committed       # only the runs not in results/convergence.json
+    python benchmarks/convergence.py --seeds 42 --baseline-epochs detr-offset=14 detr=14 --reuse   # a quick look
 
 Trains the tiny preset on the built-in shapes with train.py, once per seed and decoder:
-`--decoder conditional` with the preset's own schedule (14 epochs, lr / 10 for the last 3:
-with seed 42 this is exactly `python train.py`) and `--decoder detr`, the DETR-style baseline,
-for `--baseline-epochs` with the same recipe stretched (lr / 10 for its last 3 epochs). Nothing
-else differs: the data order of epoch e depends only on (seed, e), so a longer schedule for one
-decoder changes neither the other's data nor its seed. COCO AP is evaluated after every epoch.
+`--decoder conditional` with the preset's own schedule (14 epochs, lr / 10 for the last 3; with
+seed 42 this is the `python train.py` command), and two baselines for `--baseline-epochs` with
+the same recipe stretched (lr / 10 for their last 3 epochs): `--decoder detr-offset`, DETR's
+cross-attention with the predicted reference point and the offset regression of Eq. (1) (Table
+4's 36.9 row: the paper's model without the conditional spatial query, the one component this
+comparison then isolates), and `--decoder detr`, without the reference point and the offsets
+too (two components at once). Nothing else differs: the data order of epoch e depends only on
+(seed, e), so a longer schedule for one decoder changes neither the other's data nor its seed.
+COCO AP is evaluated after every epoch.
 
 Reports, for AP levels 0.01 ... 0.4, the first epoch at which each decoder gets there (median
-over seeds, with the range) and the ratio, marking lower bounds (">40") where a decoder never
-got there; and, as a second and smoother view, the epochs each decoder needs to bring its
-training loss down to the same level. Writes benchmarks/results/convergence.json and
-convergence.png (AP and training loss per epoch, the conditional seeds as a band).
+over seeds, with the range) and each baseline's ratio, marking lower bounds (">40") where a
+decoder never got there; and, as a second and smoother view, the epochs each decoder needs to
+bring its training loss down to the same level. Writes benchmarks/results/convergence.json and
+convergence.png (AP and training loss per epoch, the conditional seeds as a band). Runs made by
+different commits differ in float rounding and augmentation draws; the json keeps what it got.
 """
 
 import argparse
@@ -31,9 +37,12 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 import cdetr  # noqa: E402
 
-DECODERS = ("conditional", "detr")
+BASELINES = ("detr-offset", "detr")     # Table 4: without the conditional spatial query; without s too
+DECODERS = ("conditional", *BASELINES)
+NAMES = {"conditional": "conditional", "detr-offset": "DETR-style + offsets", "detr": "DETR-style"}
 AP_LEVELS = (0.01, 0.05, 0.1, 0.2, 0.4)
 PAPER_SPEEDUP = 6.7   # Table 1: R50 at 75 epochs matches DETR-R50 at 500
+RESULTS = HERE / "results" / "convergence.json"
 
 
 def train_run(out: Path, train_args: list[str], epochs: int, reuse: bool, start: float) -> list[dict]:
@@ -64,19 +73,27 @@ def epochs_to_reach(curves: list[list[float]], level: float, lower_is_better: bo
 
 
 def ratio_row(level: float, curves: dict[str, list[list[float]]], lower_is_better: bool = False) -> dict:
-    """One line of a table: epochs for each decoder and their ratio detr / conditional, with
-    "ratio_bound" ">" when the baseline never got there, ">=" when the conditional decoder got
-    there within its first epoch (the ratio is undefined when the conditional one never did)."""
-    row = {"level": round(level, 4)}
-    for decoder in DECODERS:
-        row[decoder] = epochs_to_reach(curves[decoder], level, lower_is_better)
-    c, d = row["conditional"], row["detr"]
-    # "not within N epochs" gives the bound N / conditional: the baseline needs more than that;
-    # a conditional decoder there within its first epoch may have needed less than an epoch
-    detr_epochs = d["median"] - 1 if d["lower_bound"] else d["median"]
-    row["ratio"] = None if c["lower_bound"] else round(detr_epochs / c["median"], 2)
-    row["ratio_bound"] = ">" if d["lower_bound"] else ">=" if c["median"] == 1 else ""
+    """One line of a table: the epochs each decoder needs, and for each baseline the ratio
+    baseline / conditional, with "ratio_bound" ">" when the baseline never got there and ">="
+    when the conditional decoder got there within its first epoch (the ratio is undefined when
+    the conditional one never did)."""
+    row = {"level": round(level, 4), "ratio": {}, "ratio_bound": {}}
+    for decoder, decoder_curves in curves.items():
+        row[decoder] = epochs_to_reach(decoder_curves, level, lower_is_better)
+    c = row["conditional"]
+    for baseline in (d for d in curves if d != "conditional"):
+        b = row[baseline]
+        # "not within N epochs" gives the bound N / conditional: the baseline needs more than that;
+        # a conditional decoder there within its first epoch may have needed less than an epoch
+        baseline_epochs = b["median"] - 1 if b["lower_bound"] else b["median"]
+        row["ratio"][baseline] = None if c["lower_bound"] else round(baseline_epochs / c["median"], 2)
+        row["ratio_bound"][baseline] = ">" if b["lower_bound"] else ">=" if c["median"] == 1 else ""
     return row
+
+
+def ratio_text(row: dict, baseline: str) -> str:
+    ratio = row["ratio"][baseline]
+    return "n/a" if ratio is None else f"{row['ratio_bound'][baseline]}{ratio:.1f}x"
 
 
 def describe(reach: dict) -> str:
@@ -87,11 +104,12 @@ def describe(reach: dict) -> str:
 
 
 def print_table(title: str, rows: list[dict], fmt: str):
+    baselines = [d for d in BASELINES if d in rows[0]]
     print(f"\n{title}")
-    print(f"{'level':>8} {'conditional':>16} {'detr':>8} {'ratio':>8}")
+    print(f"{'level':>8} {'conditional':>16}" + "".join(f" {NAMES[d]:>22} {'ratio':>8}" for d in baselines))
     for row in rows:
-        ratio = "n/a" if row["ratio"] is None else f"{row['ratio_bound']}{row['ratio']:.1f}x"
-        print(f"{row['level']:>8{fmt}} {describe(row['conditional']):>16} {describe(row['detr']):>8} {ratio:>8}")
+        print(f"{row['level']:>8{fmt}} {describe(row['conditional']):>16}" +
+              "".join(f" {describe(row[d]):>22} {ratio_text(row, d):>8}" for d in baselines))
 
 
 def plot(curves: dict, path: Path):
@@ -110,17 +128,18 @@ def plot(curves: dict, path: Path):
         ax.fill_between(epochs, [min(v) for v in zip(*cond)], [max(v) for v in zip(*cond)], color="tab:blue",
                         alpha=0.25, lw=0, label=f"conditional, {len(cond)} seeds (range)")
         ax.plot(epochs, median, color="tab:blue", marker="o", markersize=3, label="conditional, median")
-        for i, curve in enumerate(curves["detr"][metric]):
-            ax.plot(range(1, len(curve) + 1), curve, color="tab:red", marker="o", markersize=2, alpha=0.8,
-                    label=f"DETR-style, {len(curves['detr'][metric])} seed(s)" if i == 0 else None)
+        for baseline, colour in zip((d for d in BASELINES if d in curves), ("tab:orange", "tab:red")):
+            for i, curve in enumerate(curves[baseline][metric]):
+                ax.plot(range(1, len(curve) + 1), curve, color=colour, marker="o", markersize=2, alpha=0.8,
+                        label=f"{NAMES[baseline]}, {len(curves[baseline][metric])} seed(s)" if i == 0 else None)
         ax.plot([e * PAPER_SPEEDUP for e in epochs], median, color="tab:blue", ls="--", alpha=0.6,
                 label=f"conditional median, epochs x {PAPER_SPEEDUP} (the paper's speed-up)")
-        ax.set_xlim(0, max(len(c) for c in curves["detr"][metric]) + 1)
+        ax.set_xlim(0, max(len(c) for d in BASELINES if d in curves for c in curves[d][metric]) + 1)
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, loc="center right")
-    fig.suptitle("conditional vs DETR-style cross-attention, tiny preset on the shapes data")
+    fig.suptitle("conditional vs DETR-style cross-attention (with and without offsets), tiny preset on the shapes data")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -128,26 +147,36 @@ def plot(curves: dict, path: Path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2], help="seeds of the conditional runs")
-    parser.add_argument("--baseline-seeds", type=int, nargs="+", default=[42], help="seeds of the DETR-style runs")
+    parser.add_argument("--baseline-seeds", type=int, nargs="+", default=[42], help="seeds of the baselines' runs")
     parser.add_argument("--epochs", type=int, help="epochs of the conditional runs (default: the tiny preset's 14)")
-    parser.add_argument("--baseline-epochs", type=int, default=40, help="epochs of the DETR-style runs")
+    parser.add_argument("--baseline-epochs", nargs="+", default=["detr-offset=30", "detr=40"], metavar="NAME=N",
+                        help="epochs of each baseline (default: detr-offset=30 detr=40)")
     parser.add_argument("--subset", type=int, help="train on the first N shapes images only")
     parser.add_argument("--runs-dir", default="runs/convergence", help="train.py output folders go here")
     parser.add_argument("--results-dir", default=str(HERE / "results"))
     parser.add_argument("--reuse", action="store_true", help="skip runs whose log already has all their epochs")
+    parser.add_argument("--reuse-committed", action="store_true",
+                        help=f"take runs of the same decoder, seed and length from {RESULTS.relative_to(ROOT)} "
+                             f"instead of training them again")
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="anything after -- goes to train.py")
     args = parser.parse_args()
     extra = [a for a in args.train_args if a != "--"]
     tiny = cdetr.preset("tiny")
-    epochs = {"conditional": args.epochs or tiny.epochs, "detr": args.baseline_epochs}
-    seeds = {"conditional": args.seeds, "detr": args.baseline_seeds}
+    epochs = {"conditional": args.epochs or tiny.epochs,
+              **{name: int(n) for name, _, n in (item.partition("=") for item in args.baseline_epochs)}}
+    seeds = {"conditional": args.seeds, **{d: args.baseline_seeds for d in BASELINES}}
+    committed = json.loads(RESULTS.read_text()) if args.reuse_committed and RESULTS.exists() else {}
 
     runs, start = {d: {} for d in DECODERS}, time.time()
     for decoder in DECODERS:
-        # the preset's own schedule is left alone, so that seed 42 is `python train.py`
+        # the preset's own schedule is left alone for the conditional runs (seed 42: `python train.py`)
         schedule = ([] if epochs[decoder] == tiny.epochs else
                     ["--epochs", str(epochs[decoder]), "--set", f"lr_drop={epochs[decoder] - 3}"])
         for seed in seeds[decoder]:
+            kept = committed.get("runs", {}).get(decoder, {}).get(str(seed))
+            if kept and len(kept) == epochs[decoder] and committed.get("subset") == args.subset:
+                runs[decoder][seed] = kept
+                continue
             runs[decoder][seed] = train_run(
                 Path(args.runs_dir) / f"{decoder}-seed{seed}-{epochs[decoder]}ep",
                 ["--decoder", decoder, "--seed", str(seed), *schedule,
@@ -157,7 +186,7 @@ def main():
     curves = {d: {m: [[r.get(m, 0.0) for r in runs[d][s]] for s in seeds[d]] for m in ("AP", "train_loss")}
               for d in DECODERS}
     ap_rows = [ratio_row(level, {d: curves[d]["AP"] for d in DECODERS}) for level in AP_LEVELS]
-    # loss levels: where the baseline stands after a quarter, half and all of its epochs
+    # loss levels: where the DETR-style baseline stands after a quarter, half and all of its epochs
     baseline_loss = [statistics.median(v) for v in zip(*curves["detr"]["train_loss"])]
     n = len(baseline_loss)
     loss_levels = sorted({round(baseline_loss[e - 1], 3) for e in (n // 4, n // 2, n) if e >= 1}, reverse=True)
@@ -178,8 +207,8 @@ def main():
 
     print_table("epochs to reach an AP level (median over seeds, range in brackets; '>N': not within N epochs)",
                 ap_rows, ".2f")
-    print_table("epochs to bring the training loss down to a level (the baseline's after 1/4, 1/2, all of its epochs)",
-                loss_rows, ".3f")
+    print_table("epochs to bring the training loss down to a level (the DETR-style baseline's after 1/4, 1/2, all "
+                "of its epochs)", loss_rows, ".3f")
     for decoder in DECODERS:
         final = [c[-1] for c in curves[decoder]["AP"]]
         print(f"{decoder}: final AP {', '.join(f'{a:.3f}' for a in final)} (seeds {seeds[decoder]}, "

@@ -29,7 +29,7 @@ def test_flip_moves_boxes_exactly():
 def test_resize_scales_boxes_exactly(size, max_size, expected_hw):
     image = torch.zeros(3, 40, 100)
     target = {"boxes": boxes_xyxy([[10, 5, 30, 25]], (40, 100)), "labels": torch.tensor([1])}
-    out_image, out = v2.RandomShortestSize([size], max_size=max_size)(image, target)
+    out_image, out = data.RandomResize([size], max_size=max_size)(image, target)
     assert tuple(out_image.shape[-2:]) == expected_hw
     s = expected_hw[0] / 40
     torch.testing.assert_close(out["boxes"].as_subclass(torch.Tensor), torch.tensor([[10, 5, 30, 25]]) * s)
@@ -40,7 +40,7 @@ def test_crop_keeps_visible_part_and_drops_vanished_boxes():
     image = torch.zeros(3, 100, 100)
     target = {"boxes": boxes_xyxy([[0, 0, 100, 100], [10, 10, 20, 20], [70, 60, 95, 90]], (100, 100)),
               "labels": torch.tensor([1, 2, 3])}
-    pipeline = v2.Compose([data.RandomSizeCrop(40, 60), v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=1)])
+    pipeline = v2.Compose([data.RandomSizeCrop(40, 60), v2.ClampBoundingBoxes(), data.KeepBoxesWithArea()])
     seen = set()
     for _ in range(30):
         cropped, out = pipeline(image, target)
@@ -50,7 +50,7 @@ def test_crop_keeps_visible_part_and_drops_vanished_boxes():
         assert out["labels"][0] == 1 and kept[0].tolist() == [0, 0, w, h]   # the full-image box becomes the crop
         for label, box in zip(out["labels"][1:].tolist(), kept[1:]):
             original = target["boxes"][label - 1].as_subclass(torch.Tensor)
-            assert (box[2:] - box[:2] >= 1).all() and (box[2:] - box[:2] <= original[2:] - original[:2]).all()
+            assert (box[2:] - box[:2] > 0).all() and (box[2:] - box[:2] <= original[2:] - original[:2]).all()
         seen.add(len(out["labels"]))
     assert len(seen) > 1   # some crops dropped a box, others kept it
 
@@ -62,12 +62,51 @@ def test_crop_geometry_matches_direct_computation(monkeypatch):
     image = torch.zeros(3, 100, 120)
     target = {"boxes": boxes_xyxy([[10, 10, 40, 40], [25, 35, 100, 70], [0, 0, 15, 25]], (100, 120)),
               "labels": torch.tensor([1, 2, 3])}
-    pipeline = v2.Compose([data.RandomSizeCrop(40, 60), v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=1)])
+    pipeline = v2.Compose([data.RandomSizeCrop(40, 60), v2.ClampBoundingBoxes(), data.KeepBoxesWithArea()])
     cropped, out = pipeline(image, target)
     assert tuple(cropped.shape[-2:]) == (50, 60)
     # crop window: x in [20, 80), y in [30, 80)
     assert out["labels"].tolist() == [1, 2]
     assert out["boxes"].tolist() == [[0, 0, 20, 10], [5, 5, 60, 40]]
+
+
+def official_get_size_with_aspect_ratio(image_size, size, max_size=None):
+    """The official datasets/transforms.py rule, transcribed with its (width, height) input and
+    its (height, width) output, as the reference for data.official_resized_size."""
+    w, h = image_size
+    if max_size is not None:
+        min_original_size, max_original_size = float(min((w, h))), float(max((w, h)))
+        if max_original_size / min_original_size * size > max_size:
+            size = int(round(max_size * min_original_size / max_original_size))
+    if (w <= h and w == size) or (h <= w and h == size):
+        return h, w
+    if w < h:
+        return int(size * h / w), size
+    return size, int(size * w / h)
+
+
+def test_resize_rounds_as_the_official_code_on_hundreds_of_sizes():
+    g = random.Random(0)
+    shapes = [(g.randint(20, 4000), g.randint(20, 4000)) for _ in range(400)]       # many where 1333 binds
+    shapes += [(640, 360), (360, 640), (4000, 200), (200, 4000), (1333, 750), (800, 800), (799, 1333)]
+    binding = 0
+    for width, height in shapes:
+        for size, max_size in [(800, 1333), (480, 1333), (608, 1333), (400, None), (128, 213)]:
+            want = official_get_size_with_aspect_ratio((width, height), size, max_size)
+            assert data.official_resized_size(height, width, size, max_size) == want, (width, height, size, max_size)
+            binding += max_size is not None and max(width, height) / min(width, height) * size > max_size
+    assert binding > 300
+    assert data.official_resized_size(360, 640, 800, 1333) == (750, 1333)          # v2.RandomShortestSize: 749
+    image = Image.new("RGB", (640, 360))
+    out, _ = data.make_transforms(train=False)(image, {"boxes": boxes_xyxy([[0, 0, 64, 36]], (360, 640)),
+                                                       "labels": torch.tensor([1])})
+    assert tuple(out.shape[-2:]) == (750, 1333)
+
+
+def test_a_crop_keeps_boxes_under_a_pixel_as_the_official_code_does():
+    target = {"boxes": boxes_xyxy([[10, 10, 10.4, 30], [20, 20, 20, 25]], (50, 50)), "labels": torch.tensor([1, 2])}
+    _, out = data.KeepBoxesWithArea()(torch.zeros(3, 50, 50), target)
+    assert out["labels"].tolist() == [1]                           # 0.4 px wide kept, zero width dropped
 
 
 def test_training_pipeline_keeps_boxes_normalized_and_inside():
@@ -89,9 +128,11 @@ def test_validation_transform_is_deterministic_resize():
     image = Image.new("RGB", (200, 100))
     target = {"boxes": boxes_xyxy([[20, 10, 60, 50]], (100, 200)), "labels": torch.tensor([1])}
     out_image, out = transform(image, target)
-    # shorter side 64 would make the longer 128 > round(1333 * 64 / 800) = 107, so the cap binds
-    assert tuple(out_image.shape[-2:]) == (53, 107)
-    sx, sy = 107 / 200, 53 / 100
+    # shorter side 64 would make the longer 128 > round(1333 * 64 / 800) = 107, so the cap binds:
+    # officially the shorter side becomes round(107 * 100 / 200) = round(53.5) = 54 and the longer
+    # int(54 * 2) = 108, a pixel over the cap (torchvision's RandomShortestSize gives 53 x 107)
+    assert tuple(out_image.shape[-2:]) == (54, 108)
+    sx, sy = 108 / 200, 54 / 100
     torch.testing.assert_close(out["boxes"].as_subclass(torch.Tensor), torch.tensor([[20 * sx, 10 * sy, 60 * sx, 50 * sy]]))
 
 

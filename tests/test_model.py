@@ -1,6 +1,9 @@
 """The model's structure: parameter counts, official checkpoint loading, attention maps,
 the DETR baseline, and clear errors on bad input."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import torchvision
@@ -252,3 +255,34 @@ def test_folding_batchnorm_keeps_the_outputs(frozen):
     assert not any(isinstance(m, batchnorms) for m in model.modules())
     torch.testing.assert_close(after["pred_logits"], before["pred_logits"], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(after["pred_boxes"], before["pred_boxes"], rtol=1e-4, atol=1e-4)
+
+
+def test_from_scratch_every_parameter_starts_as_the_official_codes_does():
+    """Each tensor's spread (std, largest |value|) against the official code's, built from
+    scratch with its default arguments (tests/fixtures/official_init.json, made by
+    make_official_init.py). Names are matched through convert_official_state_dict, so a
+    packed official tensor (the encoder's in_proj_weight) is compared with our three parts
+    together."""
+    official = json.loads((Path(__file__).parent / "fixtures" / "official_init.json").read_text())["tensors"]
+    torch.manual_seed(0)
+    ours = cdetr.ConditionalDETR(cdetr.Config()).state_dict()
+    # which of our tensors come from which official one: convert tensors filled with each name's index
+    names = sorted(official)
+    origin = cdetr.convert_official_state_dict(
+        {name: torch.full((official[name]["n"],), float(i)) for i, name in enumerate(names)})
+    parts: dict[str, list[torch.Tensor]] = {}
+    for our_name, ids in origin.items():
+        parts.setdefault(names[int(ids[0])], []).append(ours[our_name].float().flatten())
+    assert len(parts) == len([n for n in names if not n.endswith("num_batches_tracked")])
+    for name, tensors in parts.items():
+        values, want = torch.cat(tensors), official[name]
+        assert values.numel() == want["n"], name
+        if want["std"] == 0:                                    # constants: zeros, ones, the focal prior
+            assert float(values.std()) == 0 and abs(float(values.mean()) - want["mean"]) < 1e-6, name
+        elif want["n"] >= 1000:                                 # same distribution: spread within sampling noise
+            assert abs(float(values.std()) / want["std"] - 1) < 0.1, (name, float(values.std()), want["std"])
+            assert abs(float(values.abs().max()) / want["absmax"] - 1) < 0.25, (name, float(values.abs().max()))
+        elif want["n"] >= 100:                                  # a few hundred values: a looser spread
+            assert 0.7 < float(values.std()) / want["std"] < 1.4, (name, float(values.std()), want["std"])
+        else:                                                   # a handful (the 2 biases of s): within range
+            assert float(values.abs().max()) < 2 * max(want["absmax"], 3 ** 0.5 * want["std"]), name

@@ -215,3 +215,39 @@ def test_detect_on_a_folder(shapes, tmp_path):
     assert all(set(d) == {"image", "category_id", "category", "score", "bbox"} for d in detections)
     assert {d["category"] for d in detections} <= {"a", "b", "c", "0"}
     assert "detections" in result.stdout
+
+
+def test_the_papers_presets_start_from_imagenet_and_say_so_offline(shapes, tmp_path, monkeypatch):
+    """A new run of `--preset r50` asks for the ImageNet weights (here the download fails, as
+    with no network) and stops with one line saying how to train from scratch instead."""
+    import urllib.error
+
+    import torchvision.models._api
+
+    asked = []
+
+    def offline(url, *args, **kwargs):
+        asked.append(url)
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    paths = data.coco_paths(shapes, "train") + data.coco_paths(shapes, "val")
+    args = ["--preset", "r50", "--train-images", paths[0], "--train-annotations", paths[1], "--val-images", paths[2],
+            "--val-annotations", paths[3], "--output-dir", tmp_path / "r50", "--epochs", "1"]
+    with pytest.raises(cdetr.WeightsError, match=r"ImageNet weights of resnet50 could not be downloaded from https://"
+                                                 r".*train from scratch instead: --set pretrained_backbone=false"):
+        train.main([str(a) for a in args])
+    assert len(asked) == 1 and asked[0].endswith(".pth")
+
+
+def test_a_frozen_random_backbone_is_refused_before_any_work(shapes, tmp_path):
+    result = train_run(shapes, tmp_path / "out", "--preset", "r50", "--set", "pretrained_backbone=false", check=False)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert "would train around random layers that never change (train_backbone=layer2-4)" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_dc5_models_are_evaluated_one_image_at_a_time():
+    from evaluate import evaluation_batch_size
+    assert evaluation_batch_size(cdetr.preset("r50-dc5"), 8) == 1 and evaluation_batch_size(cdetr.preset("r101-dc5"), 4) == 1
+    assert evaluation_batch_size(cdetr.preset("r50"), 8) == 8
