@@ -103,6 +103,29 @@ def describe(reach: dict) -> str:
     return f"{epochs(reach['median'])}{spread}"
 
 
+def markdown_table(results: dict) -> str:
+    """The README's table of the AP levels, from convergence.json's contents."""
+    def epochs(reach: dict) -> str:
+        text = lambda e: f"not within {reach['length']}" if e > reach["length"] else str(e)  # noqa: E731
+        spread = f" ({text(reach['min'])} to {text(reach['max'])})" if reach["min"] != reach["max"] else ""
+        return text(reach["median"]) + spread
+
+    def ratio(row: dict, baseline: str) -> str:
+        value, bound = row["ratio"][baseline], row["ratio_bound"][baseline]
+        return "n/a" if value is None else {">": "more than ", ">=": "at least ", "": ""}[bound] + f"{value:.1f}x"
+
+    baselines = [d for d in BASELINES if d in results["seeds"]]
+    seeds = lambda d: ", ".join(map(str, results["seeds"][d]))  # noqa: E731
+    lines = ["| AP reached | conditional, first epoch (median and range over seeds "
+             f"{seeds('conditional')}) | " + " | ".join(f"{NAMES[d]} (seed {seeds(d)}, {results['epochs'][d]} epochs) | "
+                                                         f"ratio" for d in baselines) + " |",
+             "| --- | --- | " + " | ".join("--- | ---" for _ in baselines) + " |"]
+    for row in results["ap_table"]:
+        lines.append(f"| {row['level']:g} | {epochs(row['conditional'])} | " +
+                     " | ".join(f"{epochs(row[d])} | {ratio(row, d)}" for d in baselines) + " |")
+    return "\n".join(lines)
+
+
 def print_table(title: str, rows: list[dict], fmt: str):
     baselines = [d for d in BASELINES if d in rows[0]]
     print(f"\n{title}")

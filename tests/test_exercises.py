@@ -319,3 +319,47 @@ def test_the_gradescope_zip_grades_without_the_repository(tmp_path):
     subprocess.run(["bash", str(root / "source" / "run_autograder")], capture_output=True, env=env, check=True)
     report = json.loads((root / "results" / "results.json").read_text())
     assert report["score"] == 0 and "SyntaxError" in report["output"]
+
+
+def test_the_capstone_puts_the_students_code_in_place_and_starts_from_the_same_weights():
+    """With solutions.py in cdetr's place, a fresh model computes what cdetr's own computes
+    (same initial weights, same outputs and loss up to float rounding), and trains."""
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path[:0] = [{str(EXERCISES)!r}, {str(EXERCISES.parent.parent)!r}]
+        import torch, cdetr, capstone, solutions
+        cfg = cdetr.preset("tiny", hidden_dim=32, nheads=4, dim_feedforward=64, num_queries=10, num_classes=4,
+                           dropout=0.0)
+        images, mask = torch.randn(2, 3, 64, 64), torch.zeros(2, 64, 64, dtype=torch.bool)
+        mask[1, 40:] = True
+        targets = [{{"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[.3, .3, .2, .2], [.6, .7, .3, .2]])}},
+                   {{"labels": torch.tensor([2]), "boxes": torch.tensor([[.5, .4, .4, .3]])}}]
+        torch.manual_seed(0)
+        reference = cdetr.ConditionalDETR(cfg).eval()
+        want = reference(images, mask)
+        want_loss = cdetr.SetCriterion(cfg)(want, targets)["loss"]
+        capstone.use_student_code(solutions)
+        torch.manual_seed(0)
+        model = cdetr.ConditionalDETR(cfg).eval()
+        assert type(model.decoder.layers[0]).__mro__[1] is solutions.DecoderLayer
+        got = model(images, mask)
+        loss = cdetr.SetCriterion(cfg)(got, targets)["loss"]
+        assert (got["pred_boxes"] - want["pred_boxes"]).abs().max() < 1e-5
+        assert (got["pred_logits"] - want["pred_logits"]).abs().max() < 1e-4
+        assert abs(float(loss) - float(want_loss)) < 1e-4 * float(want_loss)
+        loss.backward()
+        assert model.decoder.layers[1].ca_qpos_sine_proj.weight.grad.abs().sum() > 0
+        print("ok")
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert run.stdout.strip() == "ok", run.stderr[-2000:]
+
+
+def test_plot_runs_draws_a_run_against_the_reference_band(tmp_path):
+    import plot_runs
+    mine = plot_runs.read_log(EXERCISES / "reference_logs" / "conditional-seed1.jsonl")
+    plot_runs.plot({"my run": mine}, {"conditional": plot_runs.reference_runs("conditional"),
+                                      "detr": plot_runs.reference_runs("detr")}, tmp_path / "a.png")
+    assert (tmp_path / "a.png").stat().st_size > 10_000
+    assert len(plot_runs.reference_runs("conditional")) == 3
+    assert all(len(run) == 6 for name in ("conditional", "detr", "s-zero") for run in plot_runs.reference_runs(name))

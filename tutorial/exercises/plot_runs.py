@@ -4,7 +4,7 @@
     python plot_runs.py runs/exp-s-zero/log.jsonl --reference conditional s-zero --output b.png
 
 Each argument is a train.py output folder (or its log.jsonl). `--reference NAME` adds the
-committed runs reference_logs/NAME-seed*.jsonl (seeds 42, 1 and 2 of the same command, made by
+committed runs reference_logs/NAME-seed*.jsonl (the same command with other seeds, made by
 benchmarks/experiment_logs.py) as a band from the lowest to the highest seed with the median as
 a line: a single run of yours inside the band agrees with the reference; one outside it differs
 by more than the seed-to-seed spread.
