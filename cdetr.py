@@ -569,6 +569,15 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
+def box_from_reference(box_offsets: Tensor, reference: Tensor) -> Tensor:
+    """[paper §3.1, Eq. (1)] b = sigmoid(FFN(f) + [sᵀ 0 0]ᵀ) with s unnormalized: the box
+    head predicts the centre as an offset from the reference point. box_offsets (..., 4) the
+    box FFN's raw output; reference (..., 2) = sigmoid(s), normalized (x, y) -> (..., 4)
+    normalized (cx, cy, w, h). [ours] s = inverse_sigmoid(sigmoid(s)), clamped as the official
+    code does."""
+    return torch.cat([box_offsets[..., :2] + inverse_sigmoid(reference), box_offsets[..., 2:]], dim=-1).sigmoid()
+
+
 class ConditionalDETR(nn.Module):
     """forward(images (B, 3, H, W) float, mask (B, H, W) bool True on padding) -> dict:
         pred_logits (B, Q, C) class logits (sigmoid, no "no object" class),
@@ -640,12 +649,8 @@ class ConditionalDETR(nn.Module):
 
         logits = self.class_embed(hs)                                        # (L, B, Q, C)
         box = self.bbox_embed(hs)                                            # (L, B, Q, 4)
-        if reference is not None:
-            # [paper §3.1, Eq. (1)] b = sigmoid(FFN(f) + [sᵀ 0 0]ᵀ) with s unnormalized: the head
-            # predicts the box centre as an offset from the reference point.
-            # [ours] s = inverse_sigmoid(sigmoid(s)), clamped as the official code does
-            box = torch.cat([box[..., :2] + inverse_sigmoid(reference), box[..., 2:]], dim=-1)
-        boxes = box.sigmoid()
+        # [paper §3.1, Eq. (1)] the box centre as an offset from the reference point s
+        boxes = box.sigmoid() if reference is None else box_from_reference(box, reference)
         out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1],
                "aux_outputs": [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]}
         if reference is not None:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 from pycocotools.coco import COCO
 from torchvision import tv_tensors
 from torchvision.ops import box_convert
@@ -148,18 +148,63 @@ COCO_NAMES = dict(zip(
      "teddy bear", "hair drier", "toothbrush"], strict=True))
 
 
+EXIF_ORIENTATION = 0x0112     # 1 as stored; 2-8 mirrored and/or rotated; 5-8 swap width and height
+
+
+def to_rgb(image: Image.Image, path: str | Path = "the image") -> Image.Image:
+    """`image` as 8-bit RGB, as a person sees it: turned by its EXIF orientation (phone photos
+    are often stored sideways; a picture already turned is left alone). [ours] Pillow's convert("RGB") clips 16- and
+    32-bit grayscale at 255 (a white picture) and floats to 0 or 1 (black), so: integer images
+    (I;16*, I) are scaled from 16 bits, 0..65535 (values beyond that are refused); float
+    images (F) from [0, 1] (others refused); transparent pixels (RGBA, LA, PA, a palette or
+    grayscale with transparency) are laid onto the ImageNet mean colour, what padding becomes
+    after normalization; every other mode (L, 1, P, CMYK, YCbCr, LAB, HSV, ...) through Pillow.
+    DatasetError naming the file for an image it cannot convert."""
+    image = ImageOps.exif_transpose(image)
+    mode = image.mode
+    if mode.startswith("I") or mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        low, high, scale = (0.0, 1.0, 255.0) if mode == "F" else (0.0, 65535.0, 255.0 / 65535.0)
+        if values.size and not (values.min() >= low and values.max() <= high):
+            raise DatasetError(f"{path}: {mode} image with values {values.min():g} to {values.max():g}; expected "
+                               f"{low:g} to {high:g} ({'floats in [0, 1]' if mode == 'F' else 'at most 16 bits'}): "
+                               f"save it with 8 or 16 bits per channel")
+        return Image.fromarray(np.round(values * scale).astype(np.uint8), "L").convert("RGB")
+    if "A" in mode or "a" in mode or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, tuple(round(255 * m) for m in IMAGENET_MEAN) + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    try:
+        return image.convert("RGB")
+    except ValueError as e:
+        raise DatasetError(f"{path}: image mode {mode} cannot be converted to RGB ({e})") from None
+
+
 def read_image(path: str | Path, expected_size: tuple[int, int] | None = None, header_only: bool = False,
                annotation_file: str | Path = "the annotations") -> Image.Image:
-    """The image file as RGB (grayscale, palette and RGBA are converted). With expected_size
-    (width, height), another size is an error. header_only: only open the file and check its
-    size (fast, for data checks); the image returned is then not decoded. DatasetError naming
+    """The image file as a person sees it: turned by its EXIF orientation (phone photos are
+    often stored sideways), as 8-bit RGB (to_rgb). With expected_size (width, height), another
+    displayed size is an error, one that matches the stored size of a turned photo named as an
+    EXIF question. header_only: only open the file and check its size (fast, for data checks);
+    the image returned is then not decoded (its getexif() still answers). DatasetError naming
     the file when it is missing, unreadable or of another size."""
     try:
         with Image.open(path) as image:
-            if expected_size is not None and image.size != tuple(expected_size):
-                raise DatasetError(f"{path}: image is {image.size[0]}x{image.size[1]} but {Path(annotation_file).name} "
-                                   f"says {expected_size[0]}x{expected_size[1]}")
-            return image if header_only else image.convert("RGB")
+            orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+            width, height = image.size
+            displayed = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+            if expected_size is not None and displayed != tuple(expected_size):
+                said = f"{Path(annotation_file).name} says {expected_size[0]}x{expected_size[1]}"
+                if tuple(expected_size) == (width, height):
+                    raise DatasetError(
+                        f"{path}: stored {width}x{height} but shown {displayed[0]}x{displayed[1]} (EXIF orientation "
+                        f"{orientation}: a turned photo), and {said}, the stored size; this project reads images "
+                        f"as shown: if the boxes were drawn on the shown picture, set its size to {displayed[0]}x"
+                        f"{displayed[1]}; if on the stored one, save the image without its EXIF orientation")
+                raise DatasetError(f"{path}: image is {displayed[0]}x{displayed[1]} but {said}")
+            if header_only:
+                return image
+            return to_rgb(image, path)
     except FileNotFoundError:
         raise DatasetError(f"{path}: no such file") from None
     except (OSError, ValueError, Image.DecompressionBombError) as e:
@@ -173,18 +218,59 @@ def coco_paths(root: str | Path, split: str) -> tuple[Path, Path]:
     return root / f"{split}2017", root / "annotations" / f"instances_{split}2017.json"
 
 
-def load_coco(annotation_file: str | Path) -> COCO:
-    """The annotation file, parsed and indexed by pycocotools. DatasetError naming it when it
-    is missing, not json, or not COCO's detection layout (every image with "id", "file_name",
-    "width" and "height")."""
+def repair_for_pycocotools(dataset: dict) -> list[str]:
+    """Make a valid COCO detection dict safe for pycocotools, in place, and say what changed.
+    pycocotools keys annotations by "id" and uses id 0 as its "unmatched" marker, so ids that
+    start at 0, repeat, or are missing give wrong AP without a word: they are renumbered 1..N
+    (in file order). "area" (used for the small/medium/large ranges) and "iscrowd", optional in
+    many exports, are filled in from the box and as 0. Returns one phrase per repair."""
+    annotations = dataset.get("annotations", [])
+    repairs = []
+    ids = [a.get("id") for a in annotations]
+    if any(not isinstance(i, int) or isinstance(i, bool) or i <= 0 for i in ids) or len(set(ids)) != len(ids):
+        why = ("one is 0, pycocotools' 'unmatched' marker" if 0 in ids else
+               "some missing or not positive whole numbers" if any(not isinstance(i, int) or i <= 0 for i in ids)
+               else "some repeated")
+        for n, a in enumerate(annotations, 1):
+            a["id"] = n
+        repairs.append(f"annotation ids renumbered 1..{len(annotations)} ({why})")
+    for field, value, what in (("area", lambda a: a["bbox"][2] * a["bbox"][3], "filled in from the box"),
+                               ("iscrowd", lambda a: 0, "set to 0")):
+        missing = [a for a in annotations if field not in a]
+        usable = [a for a in missing if field != "area" or (isinstance(a.get("bbox"), list) and len(a["bbox"]) == 4
+                                                            and all(isinstance(v, (int, float)) for v in a["bbox"]))]
+        for a in usable:
+            a[field] = value(a)
+        if usable:
+            repairs.append(f"'{field}' {what} for {len(usable)} annotations")
+    return repairs
+
+
+def load_coco(annotation_file: str | Path, quiet: bool = False) -> COCO:
+    """The annotation file, parsed, repaired for pycocotools (repair_for_pycocotools; one
+    warning line says what was repaired, unless quiet) and indexed; the repairs are kept as
+    coco.repairs. DatasetError naming the file when it is missing, not json, not COCO's
+    detection layout (every image with "id", "file_name", "width" and "height"), or holds an
+    image or category id twice (which no renumbering can repair: the annotations point to them)."""
     annotation_file = Path(annotation_file)
     if not annotation_file.is_file():
         raise DatasetError(f"{annotation_file}: annotation file not found (expected COCO-format json)")
     try:
-        with contextlib.redirect_stdout(io.StringIO()):   # pycocotools prints progress
-            coco = COCO(str(annotation_file))
+        dataset = json.loads(annotation_file.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DatasetError(f"{annotation_file}: not valid json ({e})") from None
+    try:
+        for kind in ("images", "categories"):
+            ids = [item["id"] for item in dataset[kind]]
+            repeated = sorted({i for i in ids if ids.count(i) > 1}, key=str)
+            if repeated:
+                raise DatasetError(f"{annotation_file}: {kind[:-1]} id {repeated[0]} is listed {ids.count(repeated[0])} "
+                                   f"times in '{kind}'; each id must be unique")
+        repairs = repair_for_pycocotools(dataset)
+        coco = COCO()
+        coco.dataset = dataset
+        with contextlib.redirect_stdout(io.StringIO()):   # pycocotools prints progress
+            coco.createIndex()
     except (KeyError, TypeError, AssertionError, AttributeError) as e:
         raise DatasetError(f"{annotation_file}: not a COCO detection file (needs 'images', "
                            f"'annotations' and 'categories'; failed on {e!r})") from None
@@ -193,6 +279,9 @@ def load_coco(annotation_file: str | Path) -> COCO:
                                                                 for k in ("width", "height"))):
             raise DatasetError(f"{annotation_file}: image {image_id} needs 'file_name' and positive integer "
                                f"'width' and 'height' (found {json.dumps(info)[:120]})")
+    coco.repairs = repairs
+    if repairs and not quiet:
+        print(f"warning: {annotation_file}: repaired for COCO evaluation: {'; '.join(repairs)}")
     return coco
 
 
@@ -333,7 +422,7 @@ def prepare(images: list[Image.Image], image_size: int = 800) -> tuple[torch.Ten
     as for validation; for inference on images without annotations."""
     transform = v2.Compose([RandomResize([image_size], max_size=round(1333 * image_size / 800)),
                             *_to_normalized_tensor()])
-    batch, mask, _ = collate([(transform(image.convert("RGB")), None) for image in images])
+    batch, mask, _ = collate([(transform(to_rgb(image)), None) for image in images])
     return batch, mask
 
 
@@ -383,6 +472,17 @@ def side_by_side(left: Image.Image, right: Image.Image, gap: int = 8) -> Image.I
 # ----------------------------------------------------------------------------------------
 
 
+def category_disagreements(used: dict[int, str], used_from: str, other: dict[int, str], other_from: str) -> list[str]:
+    """Where `other` ({category id: name}, e.g. the validation file's, or a checkpoint's) means
+    something else by an id than `used` (the training file's): one phrase per id named
+    differently, and one for ids only `other` has (a model trained on `used` never predicts
+    them). Ids only `used` has are fine (a split may lack a class)."""
+    renamed = [f"id {i} is {used[i]!r} in {used_from} but {other[i]!r} in {other_from}"
+               for i in sorted(set(used) & set(other)) if used[i] != other[i]]
+    extra = sorted(set(other) - set(used))
+    return renamed + ([f"{other_from} has category ids {extra} that {used_from} has not"] if extra else [])
+
+
 def check_dataset(images_dir: str | Path, annotation_file: str | Path, draw: int = 0,
                   out_dir: str | Path | None = None) -> list[str]:
     """What train.py would make of a COCO-format dataset, as lines of a report: images, boxes,
@@ -394,7 +494,7 @@ def check_dataset(images_dir: str | Path, annotation_file: str | Path, draw: int
     images_dir, annotation_file = Path(images_dir), Path(annotation_file)
     if not images_dir.is_dir():
         raise DatasetError(f"{images_dir}: image folder not found")
-    coco = load_coco(annotation_file)
+    coco = load_coco(annotation_file, quiet=True)
     ids = sorted(coco.imgs)
     names = {c["id"]: c["name"] for c in coco.dataset.get("categories", [])}
     boxes_per_category, counts, modes, problems, targets, unusable = Counter(), Counter(), Counter(), {}, {}, set()
@@ -411,8 +511,9 @@ def check_dataset(images_dir: str | Path, annotation_file: str | Path, draw: int
             problems.setdefault("malformed annotations", []).append(str(e))
         path = images_dir / info["file_name"]
         try:
-            modes[read_image(path, (info["width"], info["height"]), header_only=True,
-                             annotation_file=annotation_file).mode] += 1
+            header = read_image(path, (info["width"], info["height"]), header_only=True, annotation_file=annotation_file)
+            modes[header.mode] += 1
+            counts["turned"] += header.getexif().get(EXIF_ORIENTATION, 1) != 1
         except DatasetError as e:
             kind = "missing files" if not path.is_file() else "mis-sized files" if "says" in str(e) else "unreadable files"
             problems.setdefault(kind, []).append(str(e))
@@ -422,10 +523,15 @@ def check_dataset(images_dir: str | Path, annotation_file: str | Path, draw: int
               f"  categories ({len(names)}): " + ", ".join(f"{i} {names[i]} ({boxes_per_category[i]} boxes)"
                                                           for i in sorted(names)),
               f"  the model gets max id + 1 = {max(names, default=0) + 1} class logits (ids are used as they are)",
+              *(f"  repaired for COCO evaluation (as training and evaluation repair it): {r}" for r in coco.repairs),
               f"  boxes: {counts['boxes']} used, {counts['clipped']} of them clipped at the image edge; "
               f"{counts['crowd']} crowd (left out); {counts['no area']} with no area inside the image (dropped)",
               f"  images: {len(targets) - counts['empty images']} with boxes, {counts['empty images']} without "
-              f"(kept as negatives); file modes {dict(modes)} (all read as RGB)"]
+              f"(kept as negatives); file modes {dict(modes)} (all read as 8-bit RGB as shown: 16-bit and float "
+              f"grayscale scaled, transparency laid onto the mean colour)"]
+    if counts["turned"]:
+        report.append(f"  {counts['turned']} images carry an EXIF orientation (phone photos): read turned as they are "
+                      f"shown, so their boxes and json sizes must be those of the shown picture")
     empty = [f"{i} {names[i]}" for i in sorted(names) if not boxes_per_category[i]]
     if empty:
         report.append(f"  categories without boxes: {', '.join(empty)} (the model can never learn them)")
@@ -434,9 +540,13 @@ def check_dataset(images_dir: str | Path, annotation_file: str | Path, draw: int
     # in the order train.py meets them: at start-up, then when an image is loaded
     order = ("missing files", "malformed annotations", "unreadable files", "mis-sized files")
     first = next((problems[kind][0] for kind in order if kind in problems), None)
-    report.append(f"  train.py would stop at: {first}; " + ("fix the annotation file" if "malformed annotations" in problems
-                  else "--skip-bad-images skips missing, unreadable and mis-sized images")
-                  if first else "  train.py can use it as it is")
+    if not ids:
+        report.append("  the dataset is empty: the annotation file lists no images")
+    else:
+        report.append(f"  train.py would stop at: {first}; " + ("fix the annotation file" if "malformed annotations" in
+                      problems else "--skip-bad-images skips missing, unreadable and mis-sized images") if first else
+                      "  train.py can use it" + (" after the repairs above, which it makes itself" if coco.repairs
+                                                  else " as it is"))
     if draw:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)

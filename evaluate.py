@@ -233,9 +233,13 @@ def main():
           f"{model.cfg.num_classes} class logits, image size {image_size}")
 
     if args.detect:
+        files = image_files(args.detect)
         out_dir = Path(args.output) if args.output else data.unused_dir("runs/detect")
-        detections = detect(model, image_files(args.detect), names, out_dir, args.threshold, image_size, device,
-                            args.amp)
+        holding = next((f.parent for f in files if f.parent.resolve() == out_dir.resolve()), None)
+        if holding is not None:
+            raise data.DatasetError(f"--output {out_dir}: holds the input images of --detect ({holding}); the pictures "
+                                    f"would be written over them: choose another folder (default runs/detect)")
+        detections = detect(model, files, names, out_dir, args.threshold, image_size, device, args.amp)
         (out_dir / "detections.json").write_text(json.dumps(detections, indent=1))
         print(f"wrote {len(detections)} detections to {out_dir / 'detections.json'} and the pictures to {out_dir}")
         return detections

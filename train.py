@@ -252,6 +252,17 @@ def main(argv=None):
         raise cdetr.WeightsError(f"--resume {args.resume}: not a checkpoint written by train.py (no optimizer "
                                  f"state); to start from its weights, use --init-from")
     if checkpoint:
+        done = checkpoint["epoch"] + 1
+        latest = output_dir / "checkpoint.pth"
+        if main_process and latest.exists() and latest.resolve() != Path(args.resume).resolve():
+            newer = cdetr.read_checkpoint(latest).get("epoch", -1) + 1
+            if newer > done:
+                raise cdetr.InputError(f"--resume {args.resume}: ends at epoch {done}, but {latest} is at epoch {newer}: "
+                                       f"continuing here would rewind the run and overwrite it; resume {latest}, or "
+                                       f"branch off from epoch {done} into a new folder with --output-dir")
+        if args.epochs is not None and args.epochs < done:
+            raise cdetr.ConfigError(f"--epochs {args.epochs}: {args.resume} has already trained {done} epochs; give "
+                                    f"the new total, at least {done}")
         warn_about_changed_flags(args, checkpoint["args"])
         cfg = replace(cdetr.checkpoint_config(checkpoint, args.resume), epochs=args.epochs or checkpoint["config"]["epochs"])
         origin = f"the config of {args.resume}"
@@ -284,6 +295,23 @@ def main(argv=None):
                                    subset=args.subset, subset_seed=args.subset_seed, skip_bad_images=args.skip_bad_images)
     val_set = data.build_dataset(args.val_images, args.val_annotations, train=False, image_size=cfg.image_size,
                                  skip_bad_images=args.skip_bad_images)
+    # --- the training file, the validation file and the weights must mean the same by each category id
+    disagree = data.category_disagreements(train_set.category_names, args.train_annotations,
+                                           val_set.category_names, args.val_annotations)
+    if disagree:
+        raise data.DatasetError(f"{args.train_annotations} and {args.val_annotations} disagree on the categories: "
+                                f"{'; '.join(disagree[:3])}{' ...' if len(disagree) > 3 else ''}")
+    stored = (checkpoint and {int(k): v for k, v in checkpoint.get("category_names", {}).items()}) or (
+        pretrained and pretrained.category_names)
+    if stored:
+        source = args.resume or args.init_from
+        disagree = data.category_disagreements(train_set.category_names, args.train_annotations, stored, source)
+        if disagree and checkpoint:
+            raise data.DatasetError(f"--resume {source}: was trained on other categories than "
+                                    f"{args.train_annotations}: {'; '.join(disagree[:3])}")
+        if disagree and max(stored) + 1 == train_set.num_classes and main_process:
+            print(f"warning: --init-from {source} keeps its class head, whose classes mean something else here: "
+                  f"{'; '.join(disagree[:3])}{' ...' if len(disagree) > 3 else ''}")
     if not checkpoint and not any(s.startswith("num_classes=") for s in args.set):
         cfg = replace(cfg, num_classes=train_set.num_classes)
     args.image_size = cfg.image_size
@@ -326,6 +354,13 @@ def main(argv=None):
 
     if main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+        if checkpoint:   # the log holds each finished epoch once: drop lines of an epoch the checkpoint has not
+            source = Path(args.resume).parent / "log.jsonl"
+            kept = [line for line in (source.read_text().splitlines() if source.exists() else [])
+                    if line.strip() and json.loads(line)["epoch"] <= start_epoch]
+            tmp = output_dir / "log.jsonl.tmp"
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, output_dir / "log.jsonl")
         n_params = sum(p.numel() for p in model.parameters())
         print(f"{origin}, decoder {cfg.decoder}, {n_params / 1e6:.2f} M parameters, "
               f"{len(train_set)} training / {len(val_set)} validation images, {world_size} process(es) on {device}")

@@ -1,5 +1,7 @@
 """data.py: box geometry under every transform, collate, the shapes generator, bad input."""
 
+import contextlib
+import io
 import json
 import random
 import warnings
@@ -323,3 +325,105 @@ def test_prepare_matches_the_validation_transform():
     assert batch.shape == (2, 3, 64, 85)
     torch.testing.assert_close(batch[0, :, :, :64], expected)
     assert mask[0, :, 64:].all() and not mask[0, :, :64].any() and not mask[1].any()
+
+
+def perfect_detections(dataset: dict) -> list[dict]:
+    return [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+            for a in dataset["annotations"]]
+
+
+@pytest.mark.parametrize("change", ["ids from 0", "repeated ids", "no area or iscrowd", "all three"])
+def test_a_perfect_detector_scores_1_on_any_valid_coco_file(tmp_path, change, capsys):
+    """Files as labelling tools and converters write them; pycocotools alone scores the ground
+    truth itself below 1 on the first two (id 0 is its 'unmatched' marker; it keys by id)."""
+    from pycocotools.coco import COCO as RawCOCO
+
+    from evaluate import coco_metrics
+    images = [{"id": i, "file_name": f"{i}.png", "width": 100, "height": 80} for i in (1, 2, 3)]
+    boxes = [(1, 1, [10, 10, 30, 20]), (1, 2, [50, 30, 40, 40]), (2, 1, [5, 5, 60, 60]), (3, 2, [20, 10, 30, 50]),
+             (3, 1, [60, 40, 30, 30]), (2, 2, [70, 5, 20, 20])]
+    annotations = [{"id": n, "image_id": i, "category_id": c, "bbox": b, "area": b[2] * b[3], "iscrowd": 0}
+                   for n, (i, c, b) in enumerate(boxes, 1)]
+    for n, a in enumerate(annotations):
+        if change in ("ids from 0", "all three"):
+            a["id"] = n
+        if change in ("repeated ids", "all three"):
+            a["id"] = 1 + n // 2
+        if change in ("no area or iscrowd", "all three"):
+            del a["area"], a["iscrowd"]
+    dataset = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
+    path = tmp_path / "val.json"
+    path.write_text(json.dumps(dataset))
+    coco = data.load_coco(path)
+    assert "warning: " in capsys.readouterr().out and coco.repairs
+    assert coco_metrics(coco, perfect_detections(dataset), sorted(coco.imgs))["AP"] == pytest.approx(1.0)
+    if change in ("ids from 0", "repeated ids"):          # the same file straight into pycocotools: wrong AP
+        with contextlib.redirect_stdout(io.StringIO()):
+            raw = RawCOCO(str(path))
+        assert coco_metrics(raw, perfect_detections(dataset), sorted(raw.imgs))["AP"] < 0.99
+
+
+def test_an_image_id_listed_twice_is_refused(tmp_path):
+    dataset = {"images": [{"id": 1, "file_name": "a.png", "width": 9, "height": 9}] * 2, "annotations": [],
+               "categories": [{"id": 1, "name": "a"}]}
+    (tmp_path / "val.json").write_text(json.dumps(dataset))
+    with pytest.raises(data.DatasetError, match="image id 1 is listed 2 times in 'images'"):
+        data.load_coco(tmp_path / "val.json")
+
+
+MEAN_RGB = [round(255 * m) for m in data.IMAGENET_MEAN]
+
+
+@pytest.mark.parametrize("mode, make, expected", [
+    ("I;16", lambda: Image.fromarray(np.array([[0, 65535, 32896]], dtype=np.uint16)), [0, 255, 128]),
+    ("I", lambda: Image.fromarray(np.array([[0, 65535, 257 * 20]], dtype=np.int32)), [0, 255, 20]),
+    ("F", lambda: Image.fromarray(np.array([[0.0, 1.0, 0.5]], dtype=np.float32)), [0, 255, 128]),
+    ("L", lambda: Image.fromarray(np.array([[0, 255, 77]], dtype=np.uint8)), [0, 255, 77]),
+], ids=["16-bit", "32-bit", "float", "8-bit"])
+def test_grayscale_of_every_depth_reads_as_seen(tmp_path, mode, make, expected):
+    image = make()
+    assert image.mode == mode
+    path = tmp_path / ("g.tiff" if mode in ("I", "F") else "g.png")
+    image.save(path)
+    rgb = np.asarray(data.read_image(path))
+    assert rgb.shape == (1, 3, 3) and rgb[0, :, 0].tolist() == expected and (rgb[..., 0] == rgb[..., 2]).all()
+
+
+def test_transparency_palette_and_cmyk_read_as_seen(tmp_path):
+    rgba = Image.fromarray(np.array([[[255, 0, 0, 255], [0, 255, 0, 0]]], dtype=np.uint8), "RGBA")
+    la = Image.fromarray(np.array([[[200, 255], [50, 0]]], dtype=np.uint8), "LA")
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([255, 255, 255, 10, 20, 30] + [0] * 762)
+    palette.putpixel((0, 0), 1)
+    palette.info["transparency"] = 0                                   # pixel (1, 0) uses index 0: transparent
+    cmyk = Image.new("CMYK", (1, 1), (0, 255, 255, 0))                 # no cyan and black, full magenta and yellow: red
+    for name, image in {"rgba.png": rgba, "la.png": la, "p.png": palette, "cmyk.jpg": cmyk}.items():
+        image.save(tmp_path / name)
+    assert np.asarray(data.read_image(tmp_path / "rgba.png"))[0].tolist() == [[255, 0, 0], MEAN_RGB]
+    assert np.asarray(data.read_image(tmp_path / "la.png"))[0].tolist() == [[200] * 3, MEAN_RGB]
+    assert np.asarray(data.read_image(tmp_path / "p.png"))[0].tolist() == [[10, 20, 30], MEAN_RGB]
+    red = np.asarray(data.read_image(tmp_path / "cmyk.jpg"))[0, 0]
+    assert red[0] > 240 and red[1] < 20 and red[2] < 20
+
+
+def test_deep_values_that_cannot_be_read_as_seen_are_one_clear_error(tmp_path):
+    Image.fromarray(np.array([[0, 2 ** 20]], dtype=np.int32)).save(tmp_path / "deep.tiff")
+    with pytest.raises(data.DatasetError, match=r"deep.tiff: I image with values 0 to 1.04858e\+06; expected 0 to 65535"):
+        data.read_image(tmp_path / "deep.tiff")
+
+
+def test_a_phone_photo_stored_sideways_is_read_as_shown(tmp_path):
+    stored = np.zeros((20, 40, 3), dtype=np.uint8)                    # stored 40 wide, 20 high
+    stored[:, :10] = 255                                              # white on the left as stored
+    image = Image.fromarray(stored)
+    exif = image.getexif()
+    exif[data.EXIF_ORIENTATION] = 6                                   # "turn 90° clockwise to show"
+    image.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    shown = np.asarray(data.read_image(tmp_path / "phone.jpg", (20, 40)))
+    assert shown.shape == (40, 20, 3)                                 # shown 20 wide, 40 high
+    assert shown[:10].mean() > 200 and shown[12:].mean() < 50         # the left as stored is now the top
+    with pytest.raises(data.DatasetError, match=r"stored 40x20 but shown 20x40 \(EXIF orientation 6: a turned photo\), "
+                                                r"and the annotations says 40x20, the stored size"):
+        data.read_image(tmp_path / "phone.jpg", (40, 20))
+    batch, _ = data.prepare([Image.open(tmp_path / "phone.jpg")], image_size=40)
+    assert batch.shape[-2] == 2 * batch.shape[-1]                     # --detect and the tutorials see it upright

@@ -342,6 +342,10 @@ def test_the_capstone_puts_the_students_code_in_place_and_starts_from_the_same_w
         torch.manual_seed(0)
         model = cdetr.ConditionalDETR(cfg).eval()
         assert type(model.decoder.layers[0]).__mro__[1] is solutions.DecoderLayer
+        for name in ("key_position_encoding", "reference_point_embedding", "inverse_sigmoid", "box_from_reference"):
+            assert getattr(cdetr, name) is getattr(solutions, name), name
+        assert cdetr.SetCriterion(cfg).forward.__func__.__code__.co_names.count("set_loss") == 1
+        assert cdetr.PostProcess().forward.__func__.__code__.co_names.count("postprocess") == 1
         got = model(images, mask)
         loss = cdetr.SetCriterion(cfg)(got, targets)["loss"]
         assert (got["pred_boxes"] - want["pred_boxes"]).abs().max() < 1e-5
@@ -363,3 +367,22 @@ def test_plot_runs_draws_a_run_against_the_reference_band(tmp_path):
     assert (tmp_path / "a.png").stat().st_size > 10_000
     assert len(plot_runs.reference_runs("conditional")) == 3
     assert all(len(run) == 6 for name in ("conditional", "detr", "s-zero") for run in plot_runs.reference_runs(name))
+
+
+def test_a_focal_cost_that_ignores_alpha_and_a_best_class_per_query_are_different(tmp_path):
+    results = graded(tmp_path, on_solutions("""
+        def focal_class_cost(logits, labels, alpha=0.25, gamma=2.0):      # alpha and gamma ignored
+            return s.focal_class_cost(logits, labels)
+
+        def postprocess(outputs, target_sizes, num_select=100):           # each query's best class only
+            results = []
+            for logits, boxes, (height, width) in zip(outputs["pred_logits"], outputs["pred_boxes"], target_sizes.tolist()):
+                scores, labels = logits.sigmoid().max(-1)
+                order = scores.argsort(descending=True)[:num_select]
+                scale = torch.tensor([width, height, width, height], dtype=boxes.dtype)
+                results.append({"scores": scores[order], "labels": labels[order],
+                                "boxes": s.box_cxcywh_to_xyxy(boxes[order]) * scale})
+            return results
+    """), "7a", "9")
+    assert results["7a focal matching cost"][0] == "different" and "α 0.4" in results["7a focal matching cost"][1]
+    assert results["9 post-processing"][0] == "different" and "shape (12,)" in results["9 post-processing"][1]

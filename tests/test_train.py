@@ -215,6 +215,10 @@ def test_detect_on_a_folder(shapes, tmp_path):
     assert all(set(d) == {"image", "category_id", "category", "score", "bbox"} for d in detections)
     assert {d["category"] for d in detections} <= {"a", "b", "c", "0"}
     assert "detections" in result.stdout
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    refused = run("evaluate.py", "--weights", tmp_path / "model.pth", "--detect", folder, "--output", folder, check=False)
+    assert refused.returncode == 1 and "holds the input images of --detect" in refused.stderr, refused.stderr
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before       # the photos are untouched
 
 
 def test_the_papers_presets_start_from_imagenet_and_say_so_offline(shapes, tmp_path, monkeypatch):
@@ -251,3 +255,38 @@ def test_dc5_models_are_evaluated_one_image_at_a_time():
     from evaluate import evaluation_batch_size
     assert evaluation_batch_size(cdetr.preset("r50-dc5"), 8) == 1 and evaluation_batch_size(cdetr.preset("r101-dc5"), 4) == 1
     assert evaluation_batch_size(cdetr.preset("r50"), 8) == 8
+
+
+def test_train_and_validation_files_that_disagree_on_categories_are_refused(shapes, tmp_path):
+    train_images, train_json = data.coco_paths(shapes, "train")
+    val_images, val_json = data.coco_paths(shapes, "val")
+    swapped = json.loads(Path(val_json).read_text())
+    first, second = swapped["categories"][0]["name"], swapped["categories"][1]["name"]
+    swapped["categories"][0]["name"], swapped["categories"][1]["name"] = second, first
+    (tmp_path / "val.json").write_text(json.dumps(swapped))
+    result = run("train.py", "--train-images", train_images, "--train-annotations", train_json, "--val-images",
+                 val_images, "--val-annotations", tmp_path / "val.json", "--output-dir", tmp_path / "out", *TINY,
+                 "--preset", "tiny", check=False)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert f"disagree on the categories: id 1 is {first!r} in {train_json} but {second!r} in" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_never_rewinds_a_run_and_logs_each_epoch_once(shapes, tmp_path):
+    import shutil
+    out = tmp_path / "run"
+    train_run(shapes, out, "--epochs", "1")
+    shutil.copyfile(out / "checkpoint.pth", out / "epoch1.pth")
+    train_run(shapes, out, "--resume", out / "checkpoint.pth", "--epochs", "2")
+    refused = train_run(shapes, out, "--resume", out / "epoch1.pth", "--epochs", "3", check=False)
+    assert refused.returncode == 1 and "ends at epoch 1, but" in refused.stderr, refused.stderr
+    assert "would rewind the run and overwrite it" in refused.stderr
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 1          # still epoch 2 (0-based 1)
+    lower = train_run(shapes, out, "--resume", out / "checkpoint.pth", "--epochs", "1", check=False)
+    assert lower.returncode == 1 and "has already trained 2 epochs" in lower.stderr, lower.stderr
+    # killed after epoch 3's log line but before its checkpoint: the resumed run logs epoch 3 once
+    with open(out / "log.jsonl", "a") as log:
+        log.write(json.dumps({"epoch": 3, "train_loss": 0.0}) + "\n")
+    train_run(shapes, out, "--resume", out / "checkpoint.pth", "--epochs", "3")
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3] and records[-1]["train_loss"] > 0

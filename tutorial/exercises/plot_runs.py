@@ -49,6 +49,7 @@ def plot(runs: dict[str, list[dict]], references: dict[str, list[list[dict]]], p
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     metrics = [("AP", "validation AP", lambda r: r.get("AP")),
                ("train_loss", "training loss (all layers, weighted)", lambda r: r.get("train_loss")),
@@ -72,6 +73,7 @@ def plot(runs: dict[str, list[dict]], references: dict[str, list[list[dict]]], p
             ax.plot(*zip(*points), marker="o", ms=4, color=f"C{len(references) + i}", label=name)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
