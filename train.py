@@ -20,6 +20,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import asdict, fields, replace
@@ -109,10 +110,37 @@ def make_config(args, base: cdetr.Config) -> cdetr.Config:
 
 
 def save_atomically(state: dict, path: Path):
-    """Write to a temporary file, then rename: a crash never leaves a broken checkpoint."""
+    """Write to a temporary file, then rename: a crash never leaves a broken checkpoint. A disk
+    that fills up (or any failed write) is one InputError, with the partial file removed and
+    the checkpoint already at `path` intact."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:     # torch reports a full disk as a RuntimeError from its writer
+        tmp.unlink(missing_ok=True)
+        kept = f"; the previous {path.name} is intact" if path.exists() else ""
+        raise cdetr.InputError(f"{path}: writing the checkpoint failed ({type(e).__name__}: {str(e)[:120]}){kept}; "
+                               f"free some space (df -h {path.parent}) and continue with --resume") from None
+
+
+def check_output_folder(folder: Path, model: torch.nn.Module):
+    """Before any training: the run's folder can be written (tried with a small file), and its
+    disk has room for the checkpoints (the model, Adam's two moments, and the spare copy an
+    atomic write needs while the old file is still there: 2 x 3 x the parameters' bytes)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_bytes(b"0" * 1024)
+        probe.unlink()
+    except OSError as e:
+        raise cdetr.InputError(f"--output-dir {folder}: cannot be written ({type(e).__name__}: {e.strerror or e}); "
+                               f"choose another folder") from None
+    need = 2 * 3 * sum(p.numel() * p.element_size() for p in model.state_dict().values())
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise cdetr.InputError(f"--output-dir {folder}: {free / 1e6:.0f} MB free on its disk, but a checkpoint of "
+                               f"this model needs about {need / 1e6:.0f} MB; free some space or choose another disk")
 
 
 def rng_states() -> dict:
@@ -220,6 +248,9 @@ def main(argv=None):
         device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if args.device == "cuda" else args.device)
     else:
         rank, world_size, device = 0, 1, torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise cdetr.ConfigError(f"--device {args.device}: this machine has no CUDA GPU that torch can use (torch "
+                                f"{torch.__version__}); leave --device out to train on the CPU")
     main_process = rank == 0
     if args.num_workers is None:
         args.num_workers = 0 if device.type == "cpu" else 4
@@ -312,6 +343,10 @@ def main(argv=None):
         if disagree and max(stored) + 1 == train_set.num_classes and main_process:
             print(f"warning: --init-from {source} keeps its class head, whose classes mean something else here: "
                   f"{'; '.join(disagree[:3])}{' ...' if len(disagree) > 3 else ''}")
+    if len(train_set) < cfg.batch_size * world_size:
+        raise data.DatasetError(f"{args.train_annotations}: {len(train_set)} training images, fewer than one batch of "
+                                f"{cfg.batch_size} x {world_size} process(es), and the last incomplete batch is dropped; "
+                                f"add images or give a --batch-size of at most {max(1, len(train_set) // world_size)}")
     if not checkpoint and not any(s.startswith("num_classes=") for s in args.set):
         cfg = replace(cfg, num_classes=train_set.num_classes)
     args.image_size = cfg.image_size
@@ -353,7 +388,7 @@ def main(argv=None):
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
     if main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        check_output_folder(output_dir, model)
         if checkpoint:   # the log holds each finished epoch once: drop lines of an epoch the checkpoint has not
             source = Path(args.resume).parent / "log.jsonl"
             kept = [line for line in (source.read_text().splitlines() if source.exists() else [])

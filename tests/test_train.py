@@ -290,3 +290,36 @@ def test_resume_never_rewinds_a_run_and_logs_each_epoch_once(shapes, tmp_path):
     train_run(shapes, out, "--resume", out / "checkpoint.pth", "--epochs", "3")
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3] and records[-1]["train_loss"] > 0
+
+
+def test_what_can_be_known_at_start_up_is_checked_at_start_up(shapes, tmp_path):
+    too_big = train_run(shapes, tmp_path / "a", "--batch-size", "32", check=False)
+    assert too_big.returncode == 1 and "16 training images, fewer than one batch of 32" in too_big.stderr, too_big.stderr
+    (tmp_path / "a-file").write_text("not a folder")
+    unwritable = train_run(shapes, tmp_path / "a-file" / "run", check=False)
+    assert unwritable.returncode == 1 and "cannot be written" in unwritable.stderr, unwritable.stderr
+    assert unwritable.stderr.count("\n") == 1
+    if not torch.cuda.is_available():
+        no_gpu = train_run(shapes, tmp_path / "b", "--device", "cuda", check=False)
+        assert no_gpu.returncode == 1 and "no CUDA GPU" in no_gpu.stderr and no_gpu.stderr.count("\n") == 1
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_full_disk_is_one_line_and_loses_nothing(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pth"
+    train.save_atomically({"epoch": 1}, path)
+
+    def disk_fills_up(state, file):
+        Path(file).write_bytes(b"half a checkpoint")
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos: No space left on device")
+
+    monkeypatch.setattr(train.torch, "save", disk_fills_up)
+    with pytest.raises(cdetr.InputError, match=r"writing the checkpoint failed .*No space left.*the previous "
+                                               r"checkpoint.pth is intact"):
+        train.save_atomically({"epoch": 2}, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth"]
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+    monkeypatch.undo()
+    monkeypatch.setattr(train.shutil, "disk_usage", lambda folder: type("usage", (), {"free": 10_000})())
+    with pytest.raises(cdetr.InputError, match=r"0 MB free on its disk, but a checkpoint of this model needs about"):
+        train.check_output_folder(tmp_path / "run", torch.nn.Linear(100, 100))
