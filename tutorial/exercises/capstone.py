@@ -13,7 +13,9 @@ processing (9) in the evaluation. Your layers start from exactly the reference r
 so correct code reproduces its curve up to float rounding. Writes runs/capstone-<module>/ and
 capstone.png there: your run beside reference_logs/capstone-reference.jsonl.
 
-About 10 to 20 minutes on a 2-core laptop (teacher's README).
+About 10 to 20 minutes on a 2-core laptop (teacher's README). It shows that your code trains
+like the reference; whether it is right is check.py's job (in 5 epochs on DETR's early plateau
+some wrong answers still train like right ones).
 """
 
 import argparse
