@@ -4,7 +4,7 @@
     python benchmarks/ablations.py --variants csq csq-p --seeds 42 1 --reuse
 
 Trains the tiny preset on the built-in shapes with train.py (the same code path as
-`python train.py`; the "csq" run with seed 42 is exactly that command), changing only the
+`python train.py`; the "csq" run with seed 42 is that command), changing only the
 Config switch of the variant: the spatial query of Table 3, the form of T of Fig. 5, the
 reference point of §4.3. Prints, beside the paper's COCO AP (R50, 50 epochs), each variant's
 AP on the shapes validation set at the last epoch, halfway, and its best; writes
