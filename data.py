@@ -227,10 +227,10 @@ def repair_for_pycocotools(dataset: dict) -> list[str]:
     annotations = dataset.get("annotations", [])
     repairs = []
     ids = [a.get("id") for a in annotations]
-    if any(not isinstance(i, int) or isinstance(i, bool) or i <= 0 for i in ids) or len(set(ids)) != len(ids):
+    unusable = any(not isinstance(i, int) or isinstance(i, bool) or i <= 0 for i in ids)
+    if unusable or len(set(ids)) != len(ids):
         why = ("one is 0, pycocotools' 'unmatched' marker" if 0 in ids else
-               "some missing or not positive whole numbers" if any(not isinstance(i, int) or i <= 0 for i in ids)
-               else "some repeated")
+               "some missing or not positive whole numbers" if unusable else "some repeated")
         for n, a in enumerate(annotations, 1):
             a["id"] = n
         repairs.append(f"annotation ids renumbered 1..{len(annotations)} ({why})")
