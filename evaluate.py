@@ -220,6 +220,13 @@ def main():
     if bool(args.images) != bool(args.annotations):
         parser.error("--images and --annotations go together")
 
+    if args.detect:   # checked before the weights are loaded (or downloaded)
+        files = image_files(args.detect)
+        out_dir = Path(args.output) if args.output else data.unused_dir("runs/detect")
+        holding = next((f.parent for f in files if f.parent.resolve() == out_dir.resolve()), None)
+        if holding is not None:
+            raise data.DatasetError(f"--output {out_dir}: holds the input images of --detect ({holding}); the pictures "
+                                    f"would be written over them: choose another folder (default runs/detect)")
     try:
         model, pretrained, names = load_model(args.weights, args.preset)
     except cdetr.WeightsError as e:
@@ -233,12 +240,6 @@ def main():
           f"{model.cfg.num_classes} class logits, image size {image_size}")
 
     if args.detect:
-        files = image_files(args.detect)
-        out_dir = Path(args.output) if args.output else data.unused_dir("runs/detect")
-        holding = next((f.parent for f in files if f.parent.resolve() == out_dir.resolve()), None)
-        if holding is not None:
-            raise data.DatasetError(f"--output {out_dir}: holds the input images of --detect ({holding}); the pictures "
-                                    f"would be written over them: choose another folder (default runs/detect)")
         detections = detect(model, files, names, out_dir, args.threshold, image_size, device, args.amp)
         (out_dir / "detections.json").write_text(json.dumps(detections, indent=1))
         print(f"wrote {len(detections)} detections to {out_dir / 'detections.json'} and the pictures to {out_dir}")
