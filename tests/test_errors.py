@@ -124,9 +124,11 @@ def test_files_that_are_not_checkpoints(shapes, tmp_path):
                    f"--resume {tmp_path / 'notes.pth'}: not a torch or safetensors file")
     one_line_error(train(shapes, "--resume", tmp_path / "weights_only.pth", check=False),
                    "not a checkpoint written by train.py (no optimizer state); to start from its weights, use --init-from")
-    one_line_error(run("evaluate.py", "--weights", tmp_path / "notes.pth", "--detect", tmp_path, check=False),
+    images, _ = data.coco_paths(shapes, "val")
+    detect = ("--detect", images, "--output", tmp_path / "detections")
+    one_line_error(run("evaluate.py", "--weights", tmp_path / "notes.pth", *detect, check=False),
                    f"--weights {tmp_path / 'notes.pth'}: not a torch or safetensors file")
-    one_line_error(run("evaluate.py", "--weights", tmp_path / "missing.pth", "--detect", tmp_path, check=False),
+    one_line_error(run("evaluate.py", "--weights", tmp_path / "missing.pth", *detect, check=False),
                    f"--weights {tmp_path / 'missing.pth'}: no such file")
 
 
@@ -136,7 +138,8 @@ def test_a_malicious_pickle_is_refused_by_every_loader(shapes, tmp_path):
     torch.save({"model": {}, "optimizer": {}, "config": {}, "rng": Exploit(str(marker)), "args": {}}, evil)
     for result in (train(shapes, "--resume", evil, check=False),
                    train(shapes, "--output-dir", tmp_path / "o", "--init-from", evil, check=False),
-                   run("evaluate.py", "--weights", evil, "--detect", tmp_path, check=False)):
+                   run("evaluate.py", "--weights", evil, "--detect", data.coco_paths(shapes, "val")[0],
+                       "--output", tmp_path / "detections", check=False)):
         one_line_error(result, f"{evil}: holds a pickled", "never unpickled here")
     assert not marker.exists()
 
