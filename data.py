@@ -223,9 +223,15 @@ def repair_for_pycocotools(dataset: dict) -> list[str]:
     pycocotools keys annotations by "id" and uses id 0 as its "unmatched" marker, so ids that
     start at 0, repeat, or are missing give wrong AP without a word: they are renumbered 1..N
     (in file order). "area" (used for the small/medium/large ranges) and "iscrowd", optional in
-    many exports, are filled in from the box and as 0. Returns one phrase per repair."""
+    many exports, are filled in from the box and as 0; a category without a "name" is named
+    "class <id>" (detections and AP tables print names). Returns one phrase per repair."""
     annotations = dataset.get("annotations", [])
     repairs = []
+    unnamed = [c for c in dataset.get("categories", []) if not isinstance(c.get("name"), str) or not c["name"]]
+    for c in unnamed:
+        c["name"] = f"class {c['id']}"
+    if unnamed:
+        repairs.append(f"{len(unnamed)} categories without a name named 'class <id>' ({unnamed[0]['name']}, ...)")
     ids = [a.get("id") for a in annotations]
     unusable = any(not isinstance(i, int) or isinstance(i, bool) or i <= 0 for i in ids)
     if unusable or len(set(ids)) != len(ids):
@@ -261,10 +267,10 @@ def load_coco(annotation_file: str | Path, quiet: bool = False) -> COCO:
         raise DatasetError(f"{annotation_file}: not valid json ({e})") from None
     try:
         for kind in ("images", "categories"):
-            ids = [item["id"] for item in dataset[kind]]
-            repeated = sorted({i for i in ids if ids.count(i) > 1}, key=str)
+            times = Counter(item["id"] for item in dataset[kind])
+            repeated = sorted((i for i, n in times.items() if n > 1), key=str)
             if repeated:
-                raise DatasetError(f"{annotation_file}: {kind[:-1]} id {repeated[0]} is listed {ids.count(repeated[0])} "
+                raise DatasetError(f"{annotation_file}: {kind[:-1]} id {repeated[0]} is listed {times[repeated[0]]} "
                                    f"times in '{kind}'; each id must be unique")
         repairs = repair_for_pycocotools(dataset)
         coco = COCO()
@@ -483,14 +489,26 @@ def category_disagreements(used: dict[int, str], used_from: str, other: dict[int
     return renamed + ([f"{other_from} has category ids {extra} that {used_from} has not"] if extra else [])
 
 
+def require_same_categories(training: dict[int, str], training_file, validation: dict[int, str], validation_file):
+    """DatasetError naming both files when the validation file means something else by a
+    category id than the training file (category_disagreements), as train.py checks at start-up."""
+    disagree = category_disagreements(training, str(training_file), validation, str(validation_file))
+    if disagree:
+        raise DatasetError(f"{training_file} and {validation_file} disagree on the categories: "
+                           f"{'; '.join(disagree[:3])}{' ...' if len(disagree) > 3 else ''}")
+
+
 def check_dataset(images_dir: str | Path, annotation_file: str | Path, draw: int = 0,
-                  out_dir: str | Path | None = None) -> list[str]:
+                  out_dir: str | Path | None = None,
+                  training: tuple[dict[int, str], Path] | None = None) -> tuple[list[str], dict[int, str]]:
     """What train.py would make of a COCO-format dataset, as lines of a report: images, boxes,
-    categories and their ids, crowd, clipped and dropped boxes, empty images, missing,
-    unreadable or mis-sized files, categories without boxes, and whether training would stop.
-    Reads the whole annotation file and every image's header with the checks CocoDetection
-    uses (load_coco, clean_annotations, read_image). Draws the ground truth of the first
-    `draw` images into `out_dir`."""
+    categories and their ids, repairs, EXIF and file modes, crowd, clipped and dropped boxes,
+    empty images, missing, unreadable or mis-sized files, categories without boxes, and
+    whether training would stop. Reads the whole annotation file and every image's header with
+    the checks CocoDetection uses (load_coco, clean_annotations, read_image). With `training`
+    ({category id: name}, its file) this is the validation split, checked against it. Draws the
+    ground truth of the first `draw` images into `out_dir`. Returns the report and the
+    file's {category id: name}."""
     images_dir, annotation_file = Path(images_dir), Path(annotation_file)
     if not images_dir.is_dir():
         raise DatasetError(f"{images_dir}: image folder not found")
@@ -535,16 +553,24 @@ def check_dataset(images_dir: str | Path, annotation_file: str | Path, draw: int
     empty = [f"{i} {names[i]}" for i in sorted(names) if not boxes_per_category[i]]
     if empty:
         report.append(f"  categories without boxes: {', '.join(empty)} (the model can never learn them)")
+    if training:
+        try:
+            require_same_categories(*training, names, annotation_file)
+        except DatasetError as e:
+            problems["category disagreements with training"] = [str(e)]
     for kind, messages in problems.items():
         report.append(f"  {len(messages)} {kind}, e.g. {messages[0]}")
     # in the order train.py meets them: at start-up, then when an image is loaded
-    order = ("missing files", "malformed annotations", "unreadable files", "mis-sized files")
+    order = ("missing files", "malformed annotations", "category disagreements with training", "unreadable files",
+             "mis-sized files")
     first = next((problems[kind][0] for kind in order if kind in problems), None)
     if not ids:
         report.append("  the dataset is empty: the annotation file lists no images")
     else:
-        report.append(f"  train.py would stop at: {first}; " + ("fix the annotation file" if "malformed annotations" in
-                      problems else "--skip-bad-images skips missing, unreadable and mis-sized images") if first else
+        fix = ("fix the annotation file" if "malformed annotations" in problems else
+               "make both files name each id the same" if "category disagreements with training" in problems else
+               "--skip-bad-images skips missing, unreadable and mis-sized images")
+        report.append(f"  train.py would stop at: {first}; {fix}" if first else
                       "  train.py can use it" + (" after the repairs above, which it makes itself" if coco.repairs
                                                   else " as it is"))
     if draw:
@@ -557,7 +583,7 @@ def check_dataset(images_dir: str | Path, annotation_file: str | Path, draw: int
                        [names[int(c)] for c in labels], (60, 220, 60),
                        coco.imgs[image_id]["file_name"]).save(out_dir / f"{image_id}.png")
         report.append(f"  drew the ground truth of {len(drawable[:draw])} images into {out_dir}")
-    return report
+    return report, names
 
 
 # ----------------------------------------------------------------------------------------
@@ -699,14 +725,19 @@ def report_input_errors():
         message = str(e)
         if "\nOriginal Traceback" in message:   # re-raised by a DataLoader worker: its last line is ours
             message = message.strip().splitlines()[-1].split(": ", 1)[-1]
-        sys.exit(f"error: {message}")
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, UsageError) else 1)
+
+
+class UsageError(cdetr.InputError):
+    """A mistake in the command line itself; exit status 2, as argparse's."""
 
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse for the scripts here: a usage mistake is one line, like every other error."""
 
     def error(self, message):
-        self.exit(2, f"error: {message}; see {self.prog} --help\n")
+        raise UsageError(f"{message}; see {self.prog} --help")
 
 
 def positive_int(text: str) -> int:
@@ -741,7 +772,8 @@ def main():
     check = sub.add_parser("check", help="what train.py would make of a COCO-format dataset (the first thing to run "
                                           "when AP stays at 0)")
     check.add_argument("paths", nargs="+", metavar="PATH",
-                       help="a COCO-layout folder (train2017/, val2017/, annotations/), or an image folder and its json")
+                       help="a COCO-layout folder (train2017/, val2017/, annotations/), an image folder and its json, "
+                            "or training images, training json, validation images, validation json")
     check.add_argument("--draw", type=int, default=8, help="draw the ground truth of this many images per split")
     check.add_argument("--out", help="where to draw them (default: runs/check, numbered if it exists)")
     args = parser.parse_args()
@@ -755,13 +787,17 @@ def main():
         return
     if len(args.paths) == 1:
         splits = {split: coco_paths(args.paths[0], split) for split in ("train", "val")}
-    elif len(args.paths) == 2:
-        splits = {Path(args.paths[1]).stem: args.paths}
+    elif len(args.paths) in (2, 4):   # one split, or training then validation
+        splits = {Path(args.paths[k + 1]).stem: args.paths[k:k + 2] for k in range(0, len(args.paths), 2)}
     else:
-        parser.error("check takes a COCO-layout folder, or an image folder and its annotation json")
+        parser.error("check takes a COCO-layout folder, an image folder and its annotation json, or the training "
+                     "images and json followed by the validation images and json")
     out = Path(args.out) if args.out else unused_dir("runs/check")
+    training = None
     for split, (images_dir, annotation_file) in splits.items():
-        print("\n".join(check_dataset(images_dir, annotation_file, args.draw, out / split)))
+        report, names = check_dataset(images_dir, annotation_file, args.draw, out / split, training)
+        print("\n".join(report))
+        training = (names, annotation_file)    # the first split is the training split
     print(f"checked in {time.time() - start:.1f} s")
 
 

@@ -16,6 +16,7 @@ starts a new run; a class head of another size is re-created.
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -24,6 +25,7 @@ import shutil
 import sys
 import time
 from dataclasses import asdict, fields, replace
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +36,41 @@ from tqdm import tqdm
 import cdetr
 import data
 from evaluate import coco_metrics, evaluation_batch_size, predict
+
+
+@contextlib.contextmanager
+def one_report_for_all_processes():
+    """Under torchrun, whatever stops one process (a bad input, a corrupt image in its shard, a
+    bug) is reported once, by the first process to stop; the others stop without a word, also
+    when what stops them is a collective broken by the first one leaving. Who was first is
+    settled in the launcher's key-value store (MASTER_ADDR:MASTER_PORT), which outlives the
+    processes; where it cannot be reached, every process reports."""
+    try:
+        yield
+    except BaseException as e:
+        ending_normally = isinstance(e, KeyboardInterrupt) or (isinstance(e, SystemExit) and e.code in (0, 130, None))
+        if "RANK" not in os.environ or ending_normally:
+            raise
+        first = first_to_stop()
+        if os.environ.get("TORCHELASTIC_ERROR_FILE"):   # torchrun's closing summary quotes this instead of a link
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[-1] if first else "stopped: another process failed"
+            Path(os.environ["TORCHELASTIC_ERROR_FILE"]).write_text(json.dumps({"message": {
+                "message": reason, "extraInfo": {"py_callstack": reason, "timestamp": str(int(time.time()))}}}))
+        if first:
+            raise
+        sys.stdout.flush()
+        os._exit(1)   # not sys.exit: the broken process group's clean-up would print its own complaints
+
+
+def first_to_stop() -> bool:
+    """True for the first of this run's processes to call it (see one_report_for_all_processes)."""
+    key = f"cdetr/stopped/{os.environ.get('TORCHELASTIC_RUN_ID')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT')}"
+    try:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=timedelta(seconds=10))
+        return store.add(key, 1) == 1
+    except (KeyError, ValueError, RuntimeError):   # no store to ask: better twice than never
+        return True
 
 
 def parse_args(argv=None):
@@ -109,19 +146,19 @@ def make_config(args, base: cdetr.Config) -> cdetr.Config:
     return replace(base, **overrides)
 
 
-def save_atomically(state: dict, path: Path):
-    """Write to a temporary file, then rename: a crash never leaves a broken checkpoint. A disk
-    that fills up (or any failed write) is one InputError, with the partial file removed and
-    the checkpoint already at `path` intact."""
+def save_atomically(path: Path, write):
+    """`write(tmp)` writes the file's new content to a temporary file, which then replaces `path`:
+    a crash never leaves a broken checkpoint, log or plot. A disk that fills up (or any failed
+    write) is one InputError, with the partial file removed and the file already at `path` intact."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        torch.save(state, tmp)
+        write(tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:     # torch reports a full disk as a RuntimeError from its writer
         tmp.unlink(missing_ok=True)
         kept = f"; the previous {path.name} is intact" if path.exists() else ""
-        raise cdetr.InputError(f"{path}: writing the checkpoint failed ({type(e).__name__}: {str(e)[:120]}){kept}; "
-                               f"free some space (df -h {path.parent}) and continue with --resume") from None
+        raise cdetr.InputError(f"{path}: writing failed ({type(e).__name__}: {str(e)[:120]}){kept}; free some "
+                               f"space (df -h {path.parent}) and continue with --resume") from None
 
 
 def check_output_folder(folder: Path, model: torch.nn.Module):
@@ -233,7 +270,7 @@ def plot_curves(history: list[dict], path: Path):
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=80, format="png")   # also to a name without .png: save_atomically's temporary file
     plt.close(fig)
 
 
@@ -327,11 +364,8 @@ def main(argv=None):
     val_set = data.build_dataset(args.val_images, args.val_annotations, train=False, image_size=cfg.image_size,
                                  skip_bad_images=args.skip_bad_images)
     # --- the training file, the validation file and the weights must mean the same by each category id
-    disagree = data.category_disagreements(train_set.category_names, args.train_annotations,
-                                           val_set.category_names, args.val_annotations)
-    if disagree:
-        raise data.DatasetError(f"{args.train_annotations} and {args.val_annotations} disagree on the categories: "
-                                f"{'; '.join(disagree[:3])}{' ...' if len(disagree) > 3 else ''}")
+    data.require_same_categories(train_set.category_names, args.train_annotations, val_set.category_names,
+                                 args.val_annotations)
     stored = (checkpoint and {int(k): v for k, v in checkpoint.get("category_names", {}).items()}) or (
         pretrained and pretrained.category_names)
     if stored:
@@ -393,9 +427,7 @@ def main(argv=None):
             source = Path(args.resume).parent / "log.jsonl"
             kept = [line for line in (source.read_text().splitlines() if source.exists() else [])
                     if line.strip() and json.loads(line)["epoch"] <= start_epoch]
-            tmp = output_dir / "log.jsonl.tmp"
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, output_dir / "log.jsonl")
+            save_atomically(output_dir / "log.jsonl", lambda tmp: tmp.write_text("".join(f"{line}\n" for line in kept)))
         n_params = sum(p.numel() for p in model.parameters())
         print(f"{origin}, decoder {cfg.decoder}, {n_params / 1e6:.2f} M parameters, "
               f"{len(train_set)} training / {len(val_set)} validation images, {world_size} process(es) on {device}")
@@ -455,6 +487,9 @@ def main(argv=None):
             # --- evaluation: every process predicts its shard, the main process scores them all
             if (epoch + 1) % args.eval_every == 0 or epoch + 1 == cfg.epochs:
                 start = time.time()
+                if distributed:   # BatchNorm's running statistics differ per process: evaluate with the saved ones
+                    for buffer in model.buffers():
+                        dist.broadcast(buffer, src=0)
                 detections = predict(model, val_loader, device, args.amp)
                 if distributed:
                     gathered = [None] * world_size
@@ -467,18 +502,19 @@ def main(argv=None):
 
             # --- log and checkpoint (main process only)
             if main_process:
-                with open(output_dir / "log.jsonl", "a") as log:
-                    log.write(json.dumps(record) + "\n")
-                plot_curves([json.loads(line) for line in open(output_dir / "log.jsonl")], output_dir / "curves.png")
+                log = output_dir / "log.jsonl"
+                lines = [*(log.read_text().splitlines() if log.exists() else []), json.dumps(record)]
+                save_atomically(log, lambda tmp: tmp.write_text("".join(f"{line}\n" for line in lines)))
+                save_atomically(output_dir / "curves.png", lambda tmp: plot_curves([json.loads(l) for l in lines], tmp))
                 improved = record.get("AP", -1.0) > best_ap
                 best_ap = max(best_ap, record.get("AP", -1.0))
                 state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "lr_scheduler": scheduler.state_dict(), "epoch": epoch, "config": asdict(cfg),
                          "category_names": train_set.category_names, "args": dict(vars(args)), "best_ap": best_ap,
                          "rng": rng_states()}
-                save_atomically(state, output_dir / "checkpoint.pth")
+                save_atomically(output_dir / "checkpoint.pth", lambda tmp: torch.save(state, tmp))
                 if improved:
-                    save_atomically(state, output_dir / "best.pth")
+                    save_atomically(output_dir / "best.pth", lambda tmp: torch.save(state, tmp))
             if distributed:
                 dist.barrier()
 
@@ -499,5 +535,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    with data.report_input_errors():
+    with data.report_input_errors(), one_report_for_all_processes():
         main()

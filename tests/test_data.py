@@ -332,7 +332,8 @@ def perfect_detections(dataset: dict) -> list[dict]:
             for a in dataset["annotations"]]
 
 
-@pytest.mark.parametrize("change", ["ids from 0", "repeated ids", "no area or iscrowd", "all three"])
+@pytest.mark.parametrize("change", ["ids from 0", "repeated ids", "no area or iscrowd", "no category names",
+                                    "all three"])
 def test_a_perfect_detector_scores_1_on_any_valid_coco_file(tmp_path, change, capsys):
     """Files as labelling tools and converters write them; pycocotools alone scores the ground
     truth itself below 1 on the first two (id 0 is its 'unmatched' marker; it keys by id)."""
@@ -351,12 +352,17 @@ def test_a_perfect_detector_scores_1_on_any_valid_coco_file(tmp_path, change, ca
             a["id"] = 1 + n // 2
         if change in ("no area or iscrowd", "all three"):
             del a["area"], a["iscrowd"]
-    dataset = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
+    categories = [{"id": 1}, {"id": 2, "name": ""}] if change == "no category names" else [{"id": 1, "name": "a"},
+                                                                                           {"id": 2, "name": "b"}]
+    dataset = {"images": images, "annotations": annotations, "categories": categories}
     path = tmp_path / "val.json"
     path.write_text(json.dumps(dataset))
     coco = data.load_coco(path)
     assert "warning: " in capsys.readouterr().out and coco.repairs
-    assert coco_metrics(coco, perfect_detections(dataset), sorted(coco.imgs))["AP"] == pytest.approx(1.0)
+    metrics = coco_metrics(coco, perfect_detections(dataset), sorted(coco.imgs))
+    assert metrics["AP"] == pytest.approx(1.0)
+    if change == "no category names":
+        assert list(metrics["AP_per_class"]) == ["class 1", "class 2"]
     if change in ("ids from 0", "repeated ids"):          # the same file straight into pycocotools: wrong AP
         with contextlib.redirect_stdout(io.StringIO()):
             raw = RawCOCO(str(path))

@@ -4,11 +4,13 @@ generated dataset and a tiny model."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
+import matplotlib.figure
 import pytest
 import torch
 from pycocotools.coco import COCO
@@ -94,7 +96,7 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(shapes, tmp_path):
 
 def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pth"
-    train.save_atomically({"epoch": 1}, path)
+    train.save_atomically(path, lambda tmp: torch.save({"epoch": 1}, tmp))
 
     def crash_midway(obj, f):
         Path(f).write_bytes(b"half a checkpoint")
@@ -102,16 +104,76 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypat
 
     monkeypatch.setattr(torch, "save", crash_midway)
     with pytest.raises(KeyboardInterrupt):
-        train.save_atomically({"epoch": 2}, path)
+        train.save_atomically(path, lambda tmp: torch.save({"epoch": 2}, tmp))
     assert torch.load(path)["epoch"] == 1
 
 
-def test_torchrun_two_cpu_processes(shapes, tmp_path):
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2")
+
+# Records what each process evaluates with: its model's weights and buffers at evaluation time.
+EVALUATION_PROBE = """
+import os, sys, torch
+sys.path.insert(0, {root!r})
+import data, train
+predict = train.predict
+def recording_predict(model, *args):
+    torch.save(model.state_dict(), os.path.join({out!r}, "evaluated_by_rank" + os.environ["RANK"] + ".pt"))
+    return predict(model, *args)
+train.predict = recording_predict
+with data.report_input_errors(), train.one_report_for_all_processes():
+    train.main()
+"""
+
+
+def reported_once(result, expected: str):
+    """torchrun failed; our processes printed one error line, `expected`, and no traceback: the
+    one traceback left is torchrun's own closing ChildFailedError, whose summary quotes it."""
+    ours = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode != 0 and ours == [f"error: {expected}"], result.stderr
+    assert result.stderr.count("Traceback") == 1, result.stderr
+    assert result.stderr.index("ChildFailedError") > result.stderr.index("Traceback") > result.stderr.index(ours[0])
+    assert f"traceback : {expected[:60]}" in result.stderr and "stopped: another process failed" in result.stderr
+    assert not any(word in result.stderr for word in ("gloo", "DistBackendError", "Connection closed")), result.stderr
+
+
+def test_torchrun_two_cpu_processes_evaluate_with_the_saved_weights(shapes, tmp_path):
+    """Ordinary BatchNorm (the tiny preset) keeps running statistics per process; every process
+    must evaluate its shard with the ones the checkpoint saves. Then a refusal that only the main
+    process makes (resuming would rewind the run) still ends both with one line."""
     out = tmp_path / "ddp"
-    run("train.py", "--shapes-dir", shapes, "--output-dir", out, *TINY, "--epochs", "1", "--device", "cpu",
-        launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29577"))
+    probe = tmp_path / "probe.py"
+    probe.write_text(EVALUATION_PROBE.format(root=str(ROOT), out=str(tmp_path)))
+    run(probe, "--shapes-dir", shapes, "--output-dir", out, *TINY, "--epochs", "2", "--device", "cpu",
+        launcher=(*TORCHRUN, "--master_port=29577"))
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert len(log) == 1 and "AP" in log[0]
+    assert [r["epoch"] for r in log] == [1, 2] and "AP" in log[1]
+    saved = torch.load(out / "checkpoint.pth", weights_only=True)["model"]
+    for rank in (0, 1):
+        evaluated = torch.load(tmp_path / f"evaluated_by_rank{rank}.pt", weights_only=True)
+        assert any("running_mean" in name for name in evaluated)
+        for name, tensor in saved.items():
+            assert torch.equal(evaluated[name], tensor), (rank, name)
+
+    older = torch.load(out / "checkpoint.pth", weights_only=True) | {"epoch": 0}
+    torch.save(older, out / "older.pth")
+    result = run("train.py", "--resume", out / "older.pth", "--epochs", "3", check=False,
+                 launcher=(*TORCHRUN, "--master_port=29578"))
+    reported_once(result, f"--resume {out / 'older.pth'}: ends at epoch 1, but {out / 'checkpoint.pth'} is at epoch 2: "
+                          f"continuing here would rewind the run and overwrite it; resume {out / 'checkpoint.pth'}, or "
+                          f"branch off from epoch 1 into a new folder with --output-dir")
+
+
+def test_torchrun_an_error_in_any_process_is_reported_once(shapes, tmp_path):
+    """A corrupt image is in one process's shard only; a bad setting is seen by both."""
+    broken = tmp_path / "d"
+    shutil.copytree(shapes, broken)
+    (broken / "train2017" / "000009.png").write_bytes(b"not an image")
+    result = run("train.py", "--shapes-dir", broken, "--output-dir", tmp_path / "o", *TINY, "--epochs", "1",
+                 check=False, launcher=(*TORCHRUN, "--master_port=29579"))
+    reported_once(result, f"{broken / 'train2017' / '000009.png'}: cannot read image (UnidentifiedImageError)")
+    result = run("train.py", "--shapes-dir", shapes, "--output-dir", tmp_path / "p", *TINY, "--set", "dropout=lots",
+                 check=False, launcher=(*TORCHRUN, "--master_port=29580"))
+    reported_once(result, "--set dropout=lots: dropout takes a number, not 'lots'")
 
 
 def test_bad_dataset_path_is_a_clear_error(tmp_path):
@@ -270,6 +332,12 @@ def test_train_and_validation_files_that_disagree_on_categories_are_refused(shap
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
     assert f"disagree on the categories: id 1 is {first!r} in {train_json} but {second!r} in" in result.stderr
     assert not (tmp_path / "out").exists()
+    # the data doctor, given both splits, says the same and never that the data can be used
+    doctor = run("data.py", "check", train_images, train_json, val_images, tmp_path / "val.json", "--draw", "0")
+    verdicts = [line for line in doctor.stdout.splitlines() if "train.py can use it" in line or "would stop" in line]
+    assert verdicts[0] == "  train.py can use it as it is", doctor.stdout
+    assert verdicts[1].startswith(f"  train.py would stop at: {train_json} and {tmp_path / 'val.json'} disagree on "
+                                  f"the categories: id 1 is {first!r}") and "name each id the same" in verdicts[1]
 
 
 def test_resume_never_rewinds_a_run_and_logs_each_epoch_once(shapes, tmp_path):
@@ -306,19 +374,36 @@ def test_what_can_be_known_at_start_up_is_checked_at_start_up(shapes, tmp_path):
 
 
 def test_a_full_disk_is_one_line_and_loses_nothing(tmp_path, monkeypatch):
-    path = tmp_path / "checkpoint.pth"
-    train.save_atomically({"epoch": 1}, path)
+    """Checkpoint, log and plot alike: the write that fills the disk leaves no partial file and
+    the previous version intact."""
+    path, log, curves = tmp_path / "checkpoint.pth", tmp_path / "log.jsonl", tmp_path / "curves.png"
+    history = [{"epoch": 1, "train_loss": 2.0, "train_loss_ce": 1.0, "train_loss_bbox": 0.5, "train_loss_giou": 0.5,
+                "AP": 0.1, "AP50": 0.2, "AP75": 0.05}]
+    train.save_atomically(path, lambda tmp: torch.save({"epoch": 1}, tmp))
+    train.save_atomically(log, lambda tmp: tmp.write_text(json.dumps(history[0]) + "\n"))
+    train.save_atomically(curves, lambda tmp: train.plot_curves(history, tmp))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert before["curves.png"].startswith(b"\x89PNG")
 
     def disk_fills_up(state, file):
         Path(file).write_bytes(b"half a checkpoint")
         raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos: No space left on device")
 
+    def text_fills_up(self, text):
+        open(self, "w").write(text[:5])
+        raise OSError(28, "No space left on device")
+
     monkeypatch.setattr(train.torch, "save", disk_fills_up)
-    with pytest.raises(cdetr.InputError, match=r"writing the checkpoint failed .*No space left.*the previous "
+    with pytest.raises(cdetr.InputError, match=r"checkpoint.pth: writing failed .*No space left.*the previous "
                                                r"checkpoint.pth is intact"):
-        train.save_atomically({"epoch": 2}, path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth"]
-    assert torch.load(path, weights_only=True) == {"epoch": 1}
+        train.save_atomically(path, lambda tmp: torch.save({"epoch": 2}, tmp))
+    monkeypatch.setattr(Path, "write_text", text_fills_up)
+    with pytest.raises(cdetr.InputError, match=r"log.jsonl: writing failed \(OSError: .*No space left.*intact"):
+        train.save_atomically(log, lambda tmp: tmp.write_text("two epochs\n" * 2))
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, file, **options: text_fills_up(file, "PNG"))
+    with pytest.raises(cdetr.InputError, match=r"curves.png: writing failed .*No space left.*intact"):
+        train.save_atomically(curves, lambda tmp: train.plot_curves(history * 2, tmp))
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     monkeypatch.undo()
     monkeypatch.setattr(train.shutil, "disk_usage", lambda folder: type("usage", (), {"free": 10_000})())
     with pytest.raises(cdetr.InputError, match=r"0 MB free on its disk, but a checkpoint of this model needs about"):
