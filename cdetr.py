@@ -661,21 +661,24 @@ class ConditionalDETR(nn.Module):
 
 
 @torch.no_grad()
-def cross_attention_maps(model: ConditionalDETR, images: Tensor, mask: Tensor, layer: int = -1) -> dict:
-    """For paper Figures 1 and 4: one decoder layer's cross-attention weights, softmaxed over
-    the image. Returns {"content", "spatial", "combined"}: each (B, nh, Q, h, w), with
-    "spatial" = softmax(p_q · p_k), "content" = softmax(c_q · c_k) and "combined" the weights
-    the layer really used; plus "outputs", the model's output dict. In the first decoder layer
-    of the conditional decoder c_q and c_k include o_q's projection and p_k (§3.5), so its
-    "content" map holds those terms too; from the second layer on it is content alone."""
+def cross_attention_maps(model: ConditionalDETR, images: Tensor, mask: Tensor, layer: int | None = -1) -> dict:
+    """For paper Figures 1 and 4: the decoder's cross-attention weights, softmaxed over the
+    image, for one layer (`layer`) or for all (None). Returns {"content", "spatial",
+    "combined"}: each (B, nh, Q, h, w), or (L, B, nh, Q, h, w) for all layers, with "spatial" =
+    softmax(p_q · p_k), "content" = softmax(c_q · c_k) and "combined" the weights the layer
+    really used; plus "outputs", the model's output dict. In the first decoder layer of the
+    conditional decoder c_q and c_k include o_q's projection and p_k (§3.5), so its "content"
+    map holds those terms too; from the second layer on it is content alone."""
     features, feature_mask = model.backbone(images, mask.bool())
     out = model.forward_features(features, feature_mask, return_attention=True)
     h, w = feature_mask.shape[-2:]
     padding = feature_mask.flatten(1)[:, None, None, :]                      # (B, 1, 1, HW)
+    layers = out.pop("attention")
     maps = {}
-    for name, logits in out.pop("attention")[layer].items():
-        weights = logits.masked_fill(padding, float("-inf")).softmax(-1)    # (B, nh, Q, HW)
-        maps[name] = weights.unflatten(-1, (h, w))                           # (B, nh, Q, h, w)
+    for name in layers[0]:
+        logits = torch.stack([a[name] for a in layers]) if layer is None else layers[layer][name]  # ([L,] B, nh, Q, HW)
+        weights = logits.masked_fill(padding, float("-inf")).softmax(-1)
+        maps[name] = weights.unflatten(-1, (h, w))                           # ([L,] B, nh, Q, h, w)
     maps["outputs"] = out
     return maps
 
@@ -824,7 +827,8 @@ class PostProcess(nn.Module):
     def forward(self, outputs: dict, target_sizes: Tensor) -> list[dict]:
         """outputs: "pred_logits" (B, Q, C), "pred_boxes" (B, Q, 4) normalized (cx, cy, w, h);
         target_sizes (B, 2) as (height, width) in pixels. Returns B dicts: "scores" (k,),
-        "labels" (k,) int64, "boxes" (k, 4) absolute (x0, y0, x1, y1), best first."""
+        "labels" (k,) int64, "boxes" (k, 4) absolute (x0, y0, x1, y1), and "queries" (k,)
+        int64, the object query each came from; best first."""
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
         B, Q, C = logits.shape
         scores, flat_idx = logits.sigmoid().view(B, -1).topk(min(self.num_select, Q * C), dim=1)  # (B, k)
@@ -832,7 +836,8 @@ class PostProcess(nn.Module):
         boxes = box_convert(boxes, "cxcywh", "xyxy").gather(1, query_idx.unsqueeze(-1).expand(-1, -1, 4))  # (B, k, 4)
         height, width = target_sizes.unbind(1)
         boxes = boxes * torch.stack([width, height, width, height], dim=1)[:, None, :].to(boxes)
-        return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes)]
+        return [{"scores": s, "labels": l, "boxes": b, "queries": q}
+                for s, l, b, q in zip(scores, labels, boxes, query_idx)]
 
 
 # ----------------------------------------------------------------------------------------

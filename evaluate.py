@@ -4,17 +4,22 @@
     python evaluate.py --weights r50 --coco-path /data/coco            # the official COCO model (downloaded once)
     python evaluate.py --weights microsoft/conditional-detr-resnet-50 --coco-path /data/coco   # Hugging Face's
     python evaluate.py --weights r50 --detect photo.jpg my_photos/     # boxes on any image, no annotations
+    python evaluate.py --weights r50 --explain photo.jpg               # every head's attention, one HTML page
 
 --weights takes anything cdetr.load_pretrained takes: a checkpoint of train.py, an official or
 Hugging Face file, a model-zoo name (r50, r50-dc5, r101, r101-dc5) or a Hugging Face repo id;
 weights without a config of their own are built as --preset (default r50). Evaluation prints
 the 12 COCO numbers (pycocotools) and writes the detections as a COCO results json;
 --visualize N draws ground truth and detections side by side for N images. --detect writes
-one picture per image and detections.json.
+one picture per image and detections.json. --explain writes one self-contained HTML page per
+image: pick a detection and a decoder layer and see every head's spatial, content and combined
+cross-attention (paper Figures 1 and 4); --compare adds a second model (e.g. DETR) beside it.
 """
 
 import argparse
+import base64
 import contextlib
+import html
 import io
 import json
 import warnings
@@ -23,7 +28,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 from pycocotools.cocoeval import COCOeval
-from torchvision.ops import box_convert
+from torchvision.ops import box_convert, box_iou
 
 import cdetr
 import data
@@ -168,6 +173,89 @@ def detect(model: cdetr.ConditionalDETR, files: list[Path], names: dict[int, str
     return detections
 
 
+EXPLAIN_PAGE = Path(__file__).resolve().parent / "assets" / "explain.html"
+EXPLAIN_KINDS = ("spatial", "content", "combined")   # the order of the maps in a page
+EXPLAIN_MAX_DETECTIONS = 20
+
+
+@torch.no_grad()
+def attention_record(model: cdetr.ConditionalDETR, name: str, image: Image.Image, names: dict[int, str],
+                     threshold: float, image_size: int, device, match: list[list[float]] | None = None) -> dict:
+    """One model's part of an explorer page for `image`: its detections scoring at least
+    `threshold` (the best EXPLAIN_MAX_DETECTIONS) as {"label", "score", "box": absolute (x0, y0,
+    x1, y1), "query"}; with `match` (another model's boxes, absolute (x0, y0, x1, y1)) also, for
+    box k, the query whose box overlaps it most, whatever its score, with "matches": k. For each
+    query they come from, {"maps", "peaks", "sums", "reference"}: cdetr.cross_attention_maps of
+    every layer, head and kind (EXPLAIN_KINDS) at the feature-map resolution, each divided by
+    its peak and quantised to 8 bits, laid out (L, nh, 3, h, w) as base64; the L*nh*3 peaks and
+    sums over the image before quantisation; the reference point sigmoid(s) in pixels (None
+    for decoder="detr"). "cell" is a feature cell's (width, height) in pixels of `image`."""
+    cfg = model.cfg
+    images, mask = data.prepare([image], image_size)
+    maps = cdetr.cross_attention_maps(model, images.to(device), mask.to(device), layer=None)
+    outputs, pixels = maps["outputs"], torch.tensor([image.width, image.height] * 2)
+    found = cdetr.PostProcess(EXPLAIN_MAX_DETECTIONS)(outputs, torch.tensor([[image.height, image.width]]).to(device))[0]
+    candidates = [(score, label, box, query, None) for score, label, box, query in zip(
+        found["scores"].tolist(), found["labels"].tolist(), found["boxes"].tolist(), found["queries"].tolist())
+        if score >= threshold]
+    if match:
+        boxes = box_convert(outputs["pred_boxes"][0].float(), "cxcywh", "xyxy").cpu() * pixels       # (Q, 4)
+        scores, labels = outputs["pred_logits"][0].float().sigmoid().max(-1)                         # (Q,)
+        for k, query in enumerate(box_iou(torch.tensor(match), boxes).argmax(1).tolist()):
+            candidates.append((scores[query].item(), labels[query].item(), boxes[query].tolist(), query, k))
+    stacked = torch.stack([maps[kind][:, 0] for kind in EXPLAIN_KINDS], dim=2).float()   # (L, nh, 3, Q, h, w)
+    L, nh, _, Q, h, w = stacked.shape
+    stride = 2 ** (cfg.backbone_stages + 1) // (2 if cfg.dilation else 1)    # pixels of the resized image per cell
+    scale_x, scale_y = image.width / images.shape[-1], image.height / images.shape[-2]   # one image: no padding
+    reference = outputs.get("reference_points")                              # (1, Q, 2) normalized (x, y)
+    detections, queries = [], {}
+    for score, label, box, query, matches in candidates:
+        detections.append({"label": names.get(label, str(label)), "score": round(score, 4),
+                           "box": [round(v, 1) for v in box], "query": query, "matches": matches})
+        if query not in queries:
+            per_query = stacked[:, :, :, query]                              # (L, nh, 3, h, w)
+            peaks = per_query.flatten(3).amax(-1)                            # (L, nh, 3)
+            quantised = (per_query / peaks[..., None, None] * 255).round().to(torch.uint8)
+            queries[query] = {
+                "maps": base64.b64encode(quantised.cpu().numpy().tobytes()).decode(),
+                "peaks": peaks.flatten().tolist(), "sums": per_query.flatten(3).sum(-1).flatten().tolist(),
+                "reference": None if reference is None else
+                [round(v, 1) for v in (reference[0, query].float().cpu() * pixels[:2]).tolist()]}
+    return {"name": name, "decoder": cfg.decoder, "has_reference": reference is not None, "layers": L, "heads": nh,
+            "grid": [h, w], "cell": [stride * scale_x, stride * scale_y], "detections": detections, "queries": queries}
+
+
+def explain(models: list[tuple[str, cdetr.ConditionalDETR, dict[int, str]]], files: list[Path], out_dir: Path,
+            threshold: float, image_size: int | None, device) -> list[Path]:
+    """Write one explorer page per image file into `out_dir` (<image name>.html): the photo,
+    and for each (name, model, class names) its attention_record. Returns the pages' paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    template, pages = EXPLAIN_PAGE.read_text(), []
+    for path in files:
+        image = data.read_image(path)
+        shown = image.copy()
+        shown.thumbnail((1280, 1280))                  # the photo in the page; the maps use the full image
+        jpeg = io.BytesIO()
+        shown.save(jpeg, "JPEG", quality=88)
+        records = []
+        for name, model, names in models:   # a second model also shows its queries nearest the first one's boxes
+            match = [d["box"] for d in records[0]["detections"]] if records else None
+            records.append(attention_record(model, name, image, names, threshold, image_size or model.cfg.image_size,
+                                            device, match))
+        page = {"kinds": EXPLAIN_KINDS, "threshold": threshold, "width": image.width, "height": image.height,
+                "photo": "data:image/jpeg;base64," + base64.b64encode(jpeg.getvalue()).decode(), "models": records}
+        target = out_dir / f"{path.name}.html"
+        while target in pages:                         # two folders may hold images of the same name
+            target = target.with_name("_" + target.name)
+        title = f"{path.name}: cross-attention of " + " vs ".join(name for name, _, _ in models)
+        target.write_text(template.replace("__TITLE__", html.escape(title)).replace(
+            "__DATA__", json.dumps(page, separators=(",", ":")).replace("</", "<\\/")))
+        pages.append(target)
+        print(f"{path}: " + "; ".join(f"{r['name']} {len(r['detections'])} detections" for r in records) +
+              f" -> {target} ({target.stat().st_size / 1e6:.2f} MB)")
+    return pages
+
+
 def load_model(source: str, preset: str | None) -> tuple[cdetr.ConditionalDETR, cdetr.Pretrained, dict[int, str]]:
     """The model of `source` (anything cdetr.load_pretrained takes) for inference (eval mode,
     BatchNorm folded into the convolutions), built from its own config, or from `preset`
@@ -200,6 +288,12 @@ def main():
                         help="architecture of weights without a config of their own (official, Hugging Face); default r50")
     parser.add_argument("--detect", nargs="+", metavar="IMAGE_OR_FOLDER",
                         help="detect objects on these images (folders: every image inside); no annotations needed")
+    parser.add_argument("--explain", nargs="+", metavar="IMAGE_OR_FOLDER",
+                        help="write one self-contained HTML page per image: every head's spatial, content and "
+                             "combined cross-attention for each detection and decoder layer (default folder "
+                             "runs/explain)")
+    parser.add_argument("--compare", metavar="SOURCE",
+                        help="with --explain: a second model's weights (e.g. a DETR-style run) shown beside the first")
     parser.add_argument("--coco-path", help="COCO-layout folder; val2017 is evaluated")
     parser.add_argument("--images", help="image folder of a COCO-format dataset (with --annotations)")
     parser.add_argument("--annotations", help="COCO-format annotation json (with --images)")
@@ -220,17 +314,25 @@ def main():
     if bool(args.images) != bool(args.annotations):
         parser.error("--images and --annotations go together")
 
-    if args.detect:   # checked before the weights are loaded (or downloaded)
-        files = image_files(args.detect)
-        out_dir = Path(args.output) if args.output else data.unused_dir("runs/detect")
+    if args.compare and not args.explain:
+        parser.error("--compare goes with --explain")
+    if args.detect and args.explain:
+        parser.error("--detect and --explain: one at a time")
+    inputs, mode = (args.detect, "detect") if args.detect else (args.explain, "explain")
+    if inputs:   # checked before the weights are loaded (or downloaded)
+        files = image_files(inputs)
+        out_dir = Path(args.output) if args.output else data.unused_dir(f"runs/{mode}")
         holding = next((f.parent for f in files if f.parent.resolve() == out_dir.resolve()), None)
         if holding is not None:
-            raise data.DatasetError(f"--output {out_dir}: holds the input images of --detect ({holding}); the pictures "
-                                    f"would be written over them: choose another folder (default runs/detect)")
-    try:
-        model, pretrained, names = load_model(args.weights, args.preset)
-    except cdetr.WeightsError as e:
-        raise cdetr.WeightsError(f"--weights {e}") from None
+            raise data.DatasetError(f"--output {out_dir}: holds the input images of --{mode} ({holding}); the pages "
+                                    f"would be written among them: choose another folder (default runs/{mode})")
+    loaded = {}
+    for flag, source in (("weights", args.weights), ("compare", args.compare)):
+        try:
+            loaded[flag] = source and load_model(source, args.preset)
+        except cdetr.WeightsError as e:
+            raise cdetr.WeightsError(f"--{flag} {e}") from None
+    (model, pretrained, names), other = loaded["weights"], loaded["compare"]
     if args.preset and pretrained.config:
         print(f"warning: --preset {args.preset} is not used: {args.weights} has its own config")
     image_size = args.image_size or model.cfg.image_size
@@ -238,6 +340,14 @@ def main():
     model.to(device)
     print(f"{args.weights}: {pretrained.format}, {model.cfg.backbone}{' DC5' if model.cfg.dilation else ''}, "
           f"{model.cfg.num_classes} class logits, image size {image_size}")
+
+    if args.explain:
+        models = [(args.weights, model, names)]
+        if other:
+            models.append((args.compare, other[0].to(device), other[2]))
+        pages = explain(models, files, out_dir, args.threshold, args.image_size, device)
+        print(f"wrote {len(pages)} pages to {out_dir}; open them in a browser (nothing else is needed)")
+        return pages
 
     if args.detect:
         detections = detect(model, files, names, out_dir, args.threshold, image_size, device, args.amp)

@@ -41,4 +41,7 @@ def test_exercise_notebook_runs_every_check_and_reports_what_is_missing():
 def test_walkthrough_runs_and_draws(name, min_images):
     notebook, seconds = execute(TUTORIAL / f"{name}.ipynb")
     assert images(notebook) >= min_images
+    if name == "03_conditional_attention":   # the attention explorer, inline
+        assert any("explain-data" in out.get("data", {}).get("text/html", "") for cell in notebook.cells
+                   if cell.cell_type == "code" for out in cell.get("outputs", []))
     assert seconds < 180, f"{name} took {seconds:.0f} s; the tutorial promises about two minutes on a laptop CPU"
