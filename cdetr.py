@@ -741,6 +741,17 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def box_normaliser(targets: list[dict], device) -> float:
+    """What the set loss divides by: the target boxes of `targets` (the images of one optimizer
+    step, every accumulated batch of it) summed over processes and divided by their number, at
+    least 1. DDP then averages the processes' gradients, so the step equals one of the whole
+    batch: every loss term is a sum over all of its boxes divided by all of its boxes."""
+    num_boxes = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+    if _world_size() > 1:
+        dist.all_reduce(num_boxes)
+    return max(num_boxes.item() / _world_size(), 1.0)
+
+
 class SetCriterion(nn.Module):
     """The set loss (paper §3.5, "Loss function", as in DETR and deformable DETR): match, then
     a sigmoid focal loss on the classes of all queries (matched ones aim at their target's
@@ -772,22 +783,19 @@ class SetCriterion(nn.Module):
         loss_giou = (1 - torch.diag(giou)).sum() / num_boxes
         return {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
 
-    def forward(self, outputs: dict, targets: list[dict]) -> dict:
+    def forward(self, outputs: dict, targets: list[dict], num_boxes: float | None = None) -> dict:
         """outputs: the model's dict; targets: B dicts with "labels" (M_i,) int64 in
-        [0, num_classes) and "boxes" (M_i, 4) normalized (cx, cy, w, h). Returns the
-        unweighted losses of the last layer (loss_ce, loss_bbox, loss_giou), of earlier
-        layers with suffix _0, _1, ..., the logging-only class_error (%, last layer) and
-        cardinality_error, and "loss", the weighted sum used for training."""
+        [0, num_classes) and "boxes" (M_i, 4) normalized (cx, cy, w, h); num_boxes: what the
+        losses are divided by, default box_normaliser(targets) (pass the whole optimizer step's
+        when it accumulates several batches). Returns the unweighted losses of the last layer
+        (loss_ce, loss_bbox, loss_giou), of earlier layers with suffix _0, _1, ..., the
+        logging-only class_error (%, last layer) and cardinality_error, and "loss", the
+        weighted sum used for training."""
         for i, t in enumerate(targets):
             if len(t["labels"]) and not 0 <= int(t["labels"].min()) <= int(t["labels"].max()) < self.num_classes:
                 raise ConfigError(f"target {i} has labels {t['labels'].tolist()} outside [0, {self.num_classes}); "
                                   f"num_classes must be the largest category id + 1")
-        device = outputs["pred_logits"].device
-        num_boxes = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
-        if _world_size() > 1:
-            dist.all_reduce(num_boxes)
-        num_boxes = max(num_boxes.item() / _world_size(), 1.0)
-
+        num_boxes = box_normaliser(targets, outputs["pred_logits"].device) if num_boxes is None else num_boxes
         indices = self.matcher(outputs, targets)
         losses = self.layer_losses(outputs, targets, indices, num_boxes)
         losses.update(self.logging_metrics(outputs, targets, indices))

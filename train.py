@@ -97,7 +97,10 @@ def parse_args(argv=None):
                         "r101, r101-dc5) do so by default in a new run; --set pretrained_backbone=false "
                         "train_backbone=all frozen_batchnorm=false trains them from scratch instead")
     m.add_argument("--epochs", type=data.positive_int, help="epochs to train (with --resume: the new total)")
-    m.add_argument("--batch-size", type=data.positive_int, help="images per process and step")
+    m.add_argument("--batch-size", type=data.positive_int, help="images per process and forward pass")
+    m.add_argument("--gradient-accumulation-steps", type=data.positive_int, default=1, metavar="N",
+                   help="N batches make one optimizer step, exactly as one batch N times as large (the losses are "
+                        "divided by the boxes of all N): batch size x N x processes is the effective batch")
     m.add_argument("--lr", type=float, help="learning rate of the transformer and heads")
     m.add_argument("--lr-backbone", type=float, help="learning rate of the backbone")
     m.add_argument("--image-size", type=data.positive_int, help="validation shorter side; training sizes scale with it")
@@ -274,6 +277,42 @@ def plot_curves(history: list[dict], path: Path):
     plt.close(fig)
 
 
+def step_batches(loader, n: int):
+    """The batches of `loader` in groups of `n`, one group per optimizer step (the last may be
+    smaller)."""
+    group = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == n:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def forward_backward(model, criterion: cdetr.SetCriterion, batches: list, device, amp: bool = False) -> dict:
+    """Forward and backward every (images, mask, targets) batch of one optimizer step, adding
+    up the gradients; each batch's losses are divided by the target boxes of all of them
+    (cdetr.box_normaliser), so the gradients are those of one batch holding them all. Under
+    DDP only the last batch synchronises. Returns the step's losses: the loss terms summed over
+    the batches (the big batch's values), the logging metrics averaged."""
+    batches = [(images, mask, [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
+                               for t in targets]) for images, mask, targets in batches]
+    num_boxes = cdetr.box_normaliser([t for _, _, targets in batches for t in targets], device)
+    totals = {}
+    for k, (images, mask, targets) in enumerate(batches):
+        last = k == len(batches) - 1
+        with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                outputs = model(images.to(device, non_blocking=True), mask.to(device, non_blocking=True))
+            losses = criterion(outputs, targets, num_boxes)
+            losses["loss"].backward()
+        for name, value in losses.items():
+            share = 1 / len(batches) if name.startswith(("class_error", "cardinality_error")) else 1
+            totals[name] = totals.get(name, 0.0) + value.detach() * share
+    return totals
+
+
 def main(argv=None):
     args = parse_args(argv)
 
@@ -430,7 +469,9 @@ def main(argv=None):
             save_atomically(output_dir / "log.jsonl", lambda tmp: tmp.write_text("".join(f"{line}\n" for line in kept)))
         n_params = sum(p.numel() for p in model.parameters())
         print(f"{origin}, decoder {cfg.decoder}, {n_params / 1e6:.2f} M parameters, "
-              f"{len(train_set)} training / {len(val_set)} validation images, {world_size} process(es) on {device}")
+              f"{len(train_set)} training / {len(val_set)} validation images, {world_size} process(es) on {device}, "
+              f"{cfg.batch_size * args.gradient_accumulation_steps * world_size} images per optimizer step "
+              f"({cfg.batch_size} x {args.gradient_accumulation_steps} accumulated x {world_size})")
     val_shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world_size))
     on_gpu = device.type == "cuda"        # pinned host memory lets the copies to the GPU overlap the work
     val_loader = torch.utils.data.DataLoader(val_shard, batch_size=evaluation_batch_size(cfg, cfg.batch_size * 2),
@@ -453,26 +494,23 @@ def main(argv=None):
                                                  pin_memory=on_gpu)
             trained_model.train()
             sums, steps, start = {}, 0, time.time()
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not main_process, dynamic_ncols=True)
-            for images, mask, targets in bar:
-                targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
-                           for t in targets]
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-                    outputs = trained_model(images.to(device, non_blocking=True), mask.to(device, non_blocking=True))
-                losses = criterion(outputs, targets)
+            bar = tqdm(step_batches(loader, args.gradient_accumulation_steps), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                       total=math.ceil(len(loader) / args.gradient_accumulation_steps), disable=not main_process,
+                       dynamic_ncols=True)
+            for batches in bar:
+                optimizer.zero_grad(set_to_none=True)
+                losses = forward_backward(trained_model, criterion, batches, device, args.amp)
                 loss_value = losses["loss"].item()
                 if not math.isfinite(loss_value):
                     terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
                     sys.exit(f"error: non-finite loss at epoch {epoch + 1}, step {steps + 1}: {terms}; stopped, the "
                              f"last good checkpoint is {output_dir / 'checkpoint.pth'} (try a lower --lr, and "
                              f"python data.py check on the data)")
-                optimizer.zero_grad(set_to_none=True)
-                losses["loss"].backward()
                 if cfg.clip_max_norm > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_max_norm)
                 optimizer.step()
                 for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + v.detach()
+                    sums[k] = sums.get(k, 0.0) + v
                 steps += 1
                 bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}")
             scheduler.step()

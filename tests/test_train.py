@@ -176,6 +176,62 @@ def test_torchrun_an_error_in_any_process_is_reported_once(shapes, tmp_path):
     reported_once(result, "--set dropout=lots: dropout takes a number, not 'lots'")
 
 
+# One optimizer step, recorded: the gradients as clipping sees them (the main process's, which
+# DDP has averaged), with augmentation off so that every run sees the same pixels.
+STEP_PROBE = """
+import os, sys, torch
+sys.path.insert(0, {root!r})
+import data, train
+build_dataset = data.build_dataset
+data.build_dataset = lambda *args, train=False, **kwargs: build_dataset(*args, train=False, **kwargs)
+clip = torch.nn.utils.clip_grad_norm_
+def recording_clip(parameters, *args, **kwargs):
+    parameters = list(parameters)
+    if os.environ.get("RANK", "0") == "0":
+        torch.save([p.grad for p in parameters], {out!r})
+    return clip(parameters, *args, **kwargs)
+torch.nn.utils.clip_grad_norm_ = recording_clip
+with data.report_input_errors(), train.one_report_for_all_processes():
+    train.main()
+"""
+
+
+def test_one_step_of_4_images_is_the_same_however_it_is_split(shapes, tmp_path):
+    """Frozen BatchNorm, dropout 0: one process with a batch of 4, two processes (torchrun, gloo)
+    with 2 each, one process accumulating 2 batches of 2, and two processes accumulating 2
+    batches of 1 compute the same gradients and make the same update, within float rounding."""
+    cfg = cdetr.preset("tiny", hidden_dim=32, nheads=4, enc_layers=1, dec_layers=2, dim_feedforward=64,
+                       num_queries=10, num_classes=4, frozen_batchnorm=True, dropout=0.0, image_size=64)
+    torch.manual_seed(0)
+    start = tmp_path / "start.pth"
+    torch.save({"model": cdetr.ConditionalDETR(cfg).state_dict(), "config": asdict(cfg),
+                "category_names": {1: "rectangle", 2: "ellipse", 3: "triangle"}}, start)
+    runs = {"one process, batch 4": ((), ["--batch-size", "4"]),
+            "two processes, batch 2": ((*TORCHRUN, "--master_port=29581"), ["--batch-size", "2"]),
+            "batch 2, accumulated twice": ((), ["--batch-size", "2", "--gradient-accumulation-steps", "2"]),
+            "two processes, batch 1 accumulated twice": ((*TORCHRUN, "--master_port=29582"),
+                                                         ["--batch-size", "1", "--gradient-accumulation-steps", "2"])}
+    grads, weights = {}, {}
+    for k, (name, (launcher, flags)) in enumerate(runs.items()):
+        probe = tmp_path / f"probe{k}.py"
+        probe.write_text(STEP_PROBE.format(root=str(ROOT), out=str(tmp_path / f"grads{k}.pt")))
+        out = tmp_path / f"run{k}"
+        run(probe, "--shapes-dir", shapes, "--output-dir", out, "--init-from", start, "--subset", "4", "--epochs", "1",
+            "--num-workers", "0", "--device", "cpu", *flags, launcher=launcher)
+        assert json.loads((out / "log.jsonl").read_text())["epoch"] == 1
+        grads[name] = torch.load(tmp_path / f"grads{k}.pt", weights_only=True)
+        weights[name] = torch.load(out / "checkpoint.pth", weights_only=True)["model"]
+    reference = grads.pop("one process, batch 4")
+    assert sum(g.abs().sum() > 0 for g in reference) > 50
+    for name, other in grads.items():
+        for g, r in zip(other, reference):
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-7, msg=lambda m: f"{name}: {m}")
+    saved = weights.pop("one process, batch 4")
+    for name, other in weights.items():
+        for key, value in other.items():   # atol: Adam's first step turns gradient rounding noise into a few % of lr
+            torch.testing.assert_close(value, saved[key], rtol=1e-5, atol=5e-6, msg=lambda m: f"{name}, {key}: {m}")
+
+
 def test_bad_dataset_path_is_a_clear_error(tmp_path):
     result = run("train.py", "--train-images", tmp_path / "missing", "--train-annotations", tmp_path / "a.json",
                  "--val-images", tmp_path, "--val-annotations", tmp_path / "a.json", "--output-dir", tmp_path / "o",
