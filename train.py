@@ -9,7 +9,7 @@ Each epoch trains, evaluates COCO AP on the validation set, appends a line to
 <output-dir>/log.jsonl, redraws <output-dir>/curves.png and writes <output-dir>/checkpoint.pth
 (and best.pth when AP improves). A run never overwrites another: the default output folder
 is numbered (runs/train, runs/train-2, ...) and an explicit one that holds a run is refused.
-Checkpoints hold the model, optimizer, scheduler, epoch, config, category names and RNG states
+Checkpoints hold the model, optimizer, scheduler, epoch, config, category names and the RNG states
 (plain tensors, numbers and strings), are written atomically, and `--resume` continues a run
 exactly. `--init-from` takes weights only (ours, official, Hugging Face, a model-zoo name) and
 starts a new run; a class head of another size is re-created.
@@ -125,7 +125,14 @@ def parse_args(argv=None):
                             "head of another size is re-created. Fine-tuning: a lower --lr, and --set train_backbone=none "
                             "to freeze the backbone")
     r.add_argument("--eval-every", type=data.positive_int, default=1, help="evaluate every N epochs (and after the last)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # Which flags the command line gave: argparse fills in a default only where the namespace
+    # has none, so parse again into one holding markers (a list, which "extend" can extend).
+    class NotGiven(list):
+        pass
+    seen = p.parse_args(argv, argparse.Namespace(**{key: NotGiven() for key in vars(args)}))
+    args.given = sorted(key for key, value in vars(seen).items() if not (isinstance(value, NotGiven) and not value))
+    return args
 
 
 def make_config(args, base: cdetr.Config) -> cdetr.Config:
@@ -206,12 +213,17 @@ PAPER_PRESETS = ("r50", "r50-dc5", "r101", "r101-dc5")
 # Flags that only choose the config: on --resume the checkpoint's config wins over them.
 CONFIG_FLAGS = ("preset", "decoder", "batch_size", "lr", "lr_backbone", "image_size", "set", "pretrained_backbone")
 
+# On --resume, flags the command line leaves out take the run's values, except these.
+NEVER_RESUMED = ("resume", "init_from", "epochs", "output_dir", "given")
+DATA_FLAGS = ("coco_path", "shapes_dir", "train_images", "train_annotations", "val_images", "val_annotations")
+
 
 def warn_about_changed_flags(args, stored: dict):
-    """On --resume: say which flags differ from the run being resumed, and what happens to them."""
-    for key, value in vars(args).items():
-        not_given = key in CONFIG_FLAGS and value in (None, [], False)
-        if key not in ("resume", "epochs") and key in stored and value != stored[key] and not not_given:
+    """On --resume: say which flags the command line changed from the run being resumed, and
+    what happens to them."""
+    for key in args.given:
+        value = getattr(args, key)
+        if key not in NEVER_RESUMED and key in stored and value != stored[key]:
             effect = "ignored: the checkpoint's config is used" if key in CONFIG_FLAGS else "used from now on"
             print(f"warning: --{key.replace('_', '-')} is {value!r} but was {stored[key]!r} in the run being "
                   f"resumed ({effect})")
@@ -336,6 +348,21 @@ def main(argv=None):
     output_dir = output_dir[0]
     args.output_dir = str(output_dir)
 
+    try:
+        checkpoint = cdetr.read_checkpoint(args.resume) if args.resume else None
+        pretrained = cdetr.load_pretrained(args.init_from) if args.init_from else None
+    except cdetr.WeightsError as e:
+        raise cdetr.WeightsError(f"--{'resume' if args.resume else 'init-from'} {e}") from None
+    if checkpoint is not None and not (isinstance(checkpoint, dict) and
+                                       {"model", "optimizer", "config", "rng", "args"} <= set(checkpoint)):
+        raise cdetr.WeightsError(f"--resume {args.resume}: not a checkpoint written by train.py (no optimizer "
+                                 f"state); to start from its weights, use --init-from")
+    if checkpoint:   # a resumed run keeps its data, seed and the rest of its flags unless the command line says
+        for key, value in checkpoint["args"].items():
+            own_data = key in DATA_FLAGS and set(args.given) & set(DATA_FLAGS)
+            if key in vars(args) and key not in args.given and key not in NEVER_RESUMED and not own_data:
+                setattr(args, key, value)
+
     # --- data
     default_preset = "r50"
     if args.coco_path:
@@ -349,15 +376,6 @@ def main(argv=None):
         raise cdetr.InputError("--train-images: give --coco-path, or all of --train-images --train-annotations "
                                "--val-images --val-annotations")
 
-    try:
-        checkpoint = cdetr.read_checkpoint(args.resume) if args.resume else None
-        pretrained = cdetr.load_pretrained(args.init_from) if args.init_from else None
-    except cdetr.WeightsError as e:
-        raise cdetr.WeightsError(f"--{'resume' if args.resume else 'init-from'} {e}") from None
-    if checkpoint is not None and not (isinstance(checkpoint, dict) and
-                                       {"model", "optimizer", "config", "rng", "args"} <= set(checkpoint)):
-        raise cdetr.WeightsError(f"--resume {args.resume}: not a checkpoint written by train.py (no optimizer "
-                                 f"state); to start from its weights, use --init-from")
     if checkpoint:
         done = checkpoint["epoch"] + 1
         latest = output_dir / "checkpoint.pth"
@@ -453,8 +471,12 @@ def main(argv=None):
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["lr_scheduler"])
         start_epoch, best_ap = checkpoint["epoch"] + 1, checkpoint["best_ap"]
-        if main_process:   # other processes keep their seeds: exact resume is a single-process promise
-            set_rng_states(checkpoint["rng"])
+        saved = checkpoint["rng"] if isinstance(checkpoint["rng"], list) else [checkpoint["rng"]]  # one per process
+        if rank < len(saved):
+            set_rng_states(saved[rank])
+        if len(saved) != world_size and main_process:
+            print(f"warning: {args.resume} was trained by {len(saved)} process(es), this run has {world_size}: the "
+                  f"random augmentation will differ from an uninterrupted run")
     trained_model = model
     if distributed:
         trained_model = torch.nn.parallel.DistributedDataParallel(
@@ -538,7 +560,11 @@ def main(argv=None):
                     record.update(coco_metrics(val_set.coco, detections, val_set.ids))
                     record["eval_time"] = round(time.time() - start, 1)
 
-            # --- log and checkpoint (main process only)
+            # --- log and checkpoint (main process only), with every process's random state
+            states = [rng_states()]
+            if distributed:
+                states = [None] * world_size
+                dist.all_gather_object(states, rng_states())
             if main_process:
                 log = output_dir / "log.jsonl"
                 lines = [*(log.read_text().splitlines() if log.exists() else []), json.dumps(record)]
@@ -548,8 +574,9 @@ def main(argv=None):
                 best_ap = max(best_ap, record.get("AP", -1.0))
                 state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "lr_scheduler": scheduler.state_dict(), "epoch": epoch, "config": asdict(cfg),
-                         "category_names": train_set.category_names, "args": dict(vars(args)), "best_ap": best_ap,
-                         "rng": rng_states()}
+                         "category_names": train_set.category_names, "best_ap": best_ap,
+                         "args": {k: v for k, v in vars(args).items() if k != "given"},
+                         "rng": states}
                 save_atomically(output_dir / "checkpoint.pth", lambda tmp: torch.save(state, tmp))
                 if improved:
                     save_atomically(output_dir / "best.pth", lambda tmp: torch.save(state, tmp))

@@ -138,8 +138,9 @@ def reported_once(result, expected: str):
 
 def test_torchrun_two_cpu_processes_evaluate_with_the_saved_weights(shapes, tmp_path):
     """Ordinary BatchNorm (the tiny preset) keeps running statistics per process; every process
-    must evaluate its shard with the ones the checkpoint saves. Then a refusal that only the main
-    process makes (resuming would rewind the run) still ends both with one line."""
+    must evaluate its shard with the ones the checkpoint saves. A resumed run ends exactly where
+    an uninterrupted one does. A refusal that only the main process makes (resuming would rewind
+    the run) still ends both with one line."""
     out = tmp_path / "ddp"
     probe = tmp_path / "probe.py"
     probe.write_text(EVALUATION_PROBE.format(root=str(ROOT), out=str(tmp_path)))
@@ -153,6 +154,17 @@ def test_torchrun_two_cpu_processes_evaluate_with_the_saved_weights(shapes, tmp_
         assert any("running_mean" in name for name in evaluated)
         for name, tensor in saved.items():
             assert torch.equal(evaluated[name], tensor), (rank, name)
+
+    # resumed under torchrun after epoch 1, the run ends where the uninterrupted one did: every
+    # process's random state (its augmentation) is in the checkpoint
+    halfway = tmp_path / "halfway"
+    run("train.py", "--shapes-dir", shapes, "--output-dir", halfway, *TINY, "--epochs", "1", "--device", "cpu",
+        launcher=(*TORCHRUN, "--master_port=29583"))
+    assert len(torch.load(halfway / "checkpoint.pth", weights_only=True)["rng"]) == 2
+    run("train.py", "--resume", halfway / "checkpoint.pth", "--epochs", "2", launcher=(*TORCHRUN, "--master_port=29584"))
+    resumed = torch.load(halfway / "checkpoint.pth", weights_only=True)["model"]
+    for name, tensor in saved.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
 
     older = torch.load(out / "checkpoint.pth", weights_only=True) | {"epoch": 0}
     torch.save(older, out / "older.pth")
