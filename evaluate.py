@@ -324,8 +324,9 @@ def main():
         out_dir = Path(args.output) if args.output else data.unused_dir(f"runs/{mode}")
         holding = next((f.parent for f in files if f.parent.resolve() == out_dir.resolve()), None)
         if holding is not None:
-            raise data.DatasetError(f"--output {out_dir}: holds the input images of --{mode} ({holding}); the pages "
-                                    f"would be written among them: choose another folder (default runs/{mode})")
+            written = "pictures would be written over them" if mode == "detect" else "pages would be written among them"
+            raise data.DatasetError(f"--output {out_dir}: holds the input images of --{mode} ({holding}); the {written}: "
+                                    f"choose another folder (default runs/{mode})")
     loaded = {}
     for flag, source in (("weights", args.weights), ("compare", args.compare)):
         try:
