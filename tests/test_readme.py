@@ -83,6 +83,14 @@ def test_the_fine_tuning_table_is_the_committed_result():
         assert row[1:] == [f"{runs[name][e - 1]['AP']:.3f}" for e in shown], name
 
 
-@pytest.mark.parametrize("name", ["default_run.jsonl", "convergence.json", "ablations.json", "speed.json", "finetune.json"])
+@pytest.mark.parametrize("name", ["default_run.jsonl", "convergence.json", "ablations.json", "speed.json", "finetune.json",
+                                  "memory.json"])
 def test_every_result_file_the_readme_names_exists(name):
     assert (RESULTS / name).is_file()
+
+
+def test_the_memory_table_is_the_committed_result():
+    import sys
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from memory import markdown_table
+    assert markdown_table(json.loads((RESULTS / "memory.json").read_text())) in README
