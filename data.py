@@ -787,8 +787,10 @@ def main():
         return
     if len(args.paths) == 1:
         splits = {split: coco_paths(args.paths[0], split) for split in ("train", "val")}
-    elif len(args.paths) in (2, 4):   # one split, or training then validation
-        splits = {Path(args.paths[k + 1]).stem: args.paths[k:k + 2] for k in range(0, len(args.paths), 2)}
+    elif len(args.paths) == 2:
+        splits = {Path(args.paths[1]).stem: args.paths}
+    elif len(args.paths) == 4:        # training then validation; exports often name both jsons alike
+        splits = {"train": args.paths[:2], "val": args.paths[2:]}
     else:
         parser.error("check takes a COCO-layout folder, an image folder and its annotation json, or the training "
                      "images and json followed by the validation images and json")

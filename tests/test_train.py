@@ -394,6 +394,8 @@ def test_train_and_validation_files_that_disagree_on_categories_are_refused(shap
     first, second = swapped["categories"][0]["name"], swapped["categories"][1]["name"]
     swapped["categories"][0]["name"], swapped["categories"][1]["name"] = second, first
     (tmp_path / "val.json").write_text(json.dumps(swapped))
+    (tmp_path / "valid").mkdir()    # exports name both splits' files alike (train/_annotations.json, valid/...)
+    (tmp_path / "valid" / Path(train_json).name).write_text(json.dumps(swapped))
     result = run("train.py", "--train-images", train_images, "--train-annotations", train_json, "--val-images",
                  val_images, "--val-annotations", tmp_path / "val.json", "--output-dir", tmp_path / "out", *TINY,
                  "--preset", "tiny", check=False)
@@ -401,10 +403,11 @@ def test_train_and_validation_files_that_disagree_on_categories_are_refused(shap
     assert f"disagree on the categories: id 1 is {first!r} in {train_json} but {second!r} in" in result.stderr
     assert not (tmp_path / "out").exists()
     # the data doctor, given both splits, says the same and never that the data can be used
-    doctor = run("data.py", "check", train_images, train_json, val_images, tmp_path / "val.json", "--draw", "0")
+    same_name = tmp_path / "valid" / Path(train_json).name
+    doctor = run("data.py", "check", train_images, train_json, val_images, same_name, "--draw", "0")
     verdicts = [line for line in doctor.stdout.splitlines() if "train.py can use it" in line or "would stop" in line]
-    assert verdicts[0] == "  train.py can use it as it is", doctor.stdout
-    assert verdicts[1].startswith(f"  train.py would stop at: {train_json} and {tmp_path / 'val.json'} disagree on "
+    assert len(verdicts) == 2 and verdicts[0] == "  train.py can use it as it is", doctor.stdout
+    assert verdicts[1].startswith(f"  train.py would stop at: {train_json} and {same_name} disagree on "
                                   f"the categories: id 1 is {first!r}") and "name each id the same" in verdicts[1]
 
 
