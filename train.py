@@ -358,9 +358,10 @@ def main(argv=None):
         raise cdetr.WeightsError(f"--resume {args.resume}: not a checkpoint written by train.py (no optimizer "
                                  f"state); to start from its weights, use --init-from")
     if checkpoint:   # a resumed run keeps its data, seed and the rest of its flags unless the command line says
+        new_data = set(args.given) & set(DATA_FLAGS)      # then none of the run's data flags apply
         for key, value in checkpoint["args"].items():
-            own_data = key in DATA_FLAGS and set(args.given) & set(DATA_FLAGS)
-            if key in vars(args) and key not in args.given and key not in NEVER_RESUMED and not own_data:
+            if key in vars(args) and key not in args.given and key not in NEVER_RESUMED and not (
+                    new_data and key in DATA_FLAGS):
                 setattr(args, key, value)
 
     # --- data
