@@ -123,6 +123,7 @@ class Config:
     focal_alpha: float = 0.25
     # data and optimisation (used by data.py and train.py)
     image_size: int = 800                 # validation shorter side; training scales 480..800 with it
+    max_size: int = 0                     # longer side at most this; 0: 1333 x image_size / 800 (the recipe's)
     lr: float = 1e-4
     lr_backbone: float = 1e-5
     weight_decay: float = 1e-4
@@ -144,6 +145,7 @@ class Config:
             (self.backbone_stages in (3, 4), f"backbone_stages must be 3 or 4, not {self.backbone_stages}"),
             (not (self.dilation and self.backbone_stages != 4), "dilation (DC5) needs backbone_stages=4"),
             (not (self.dilation and self.backbone in ("resnet18", "resnet34")), f"{self.backbone} has basic blocks, which torchvision cannot dilate (DC5)"),
+            (self.image_size >= 1 and self.max_size >= 0, f"image_size must be at least 1 and max_size at least 0 (0: the recipe's), not {self.image_size} and {self.max_size}"),
             (min(self.enc_layers, self.num_queries, self.num_classes) >= 1 and self.dec_layers >= 1, "layers, queries and classes must be at least 1"),
         ]
         for ok, message in checks:

@@ -61,6 +61,11 @@ def official_resized_size(height: int, width: int, size: int, max_size: int | No
     return (int(size * height / width), size) if width < height else (size, int(size * width / height))
 
 
+def longest_side(image_size: int, max_size: int = 0) -> int:
+    """The longer side's limit: `max_size`, or with 0 the recipe's 1333 scaled by image_size / 800."""
+    return max_size or round(1333 * image_size / 800)
+
+
 class RandomResize:
     """Resize to one of `sizes` (the shorter side, drawn at random; python's `random`), the
     longer side at most `max_size`, with the official rounding; boxes move with the pixels.
@@ -108,15 +113,16 @@ def _to_normalized_tensor() -> list:
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
 
 
-def make_transforms(train: bool, image_size: int = 800) -> v2.Compose:
+def make_transforms(train: bool, image_size: int = 800, max_size: int = 0) -> v2.Compose:
     """The paper's recipe for image_size=800: training flips, then either resizes the shorter
     side to one of 480, 512, ..., 800 (longer side at most 1333), or resizes to 400/500/600,
     crops 384..600 and does the multi-scale resize; validation resizes to 800 (max 1333).
-    Other image sizes scale every number by image_size / 800. Callable on (PIL image,
-    {"boxes": BoundingBoxes, "labels": ...}); returns a normalized float tensor and the dict."""
+    Other image sizes scale every number by image_size / 800; `max_size`, when not 0, replaces
+    the longer side's limit (longest_side). Callable on (PIL image, {"boxes": BoundingBoxes,
+    "labels": ...}); returns a normalized float tensor and the dict."""
     s = image_size / 800
     scaled = lambda sizes: [max(1, round(x * s)) for x in sizes]  # noqa: E731
-    max_size = round(1333 * s)
+    max_size = longest_side(image_size, max_size)
     multi_scale = RandomResize(scaled(range(480, 801, 32)), max_size=max_size)
     finish = [v2.ClampBoundingBoxes(), KeepBoxesWithArea(), *_to_normalized_tensor()]
     if not train:
@@ -401,20 +407,31 @@ class CocoDetection(torch.utils.data.Dataset):
                        "size": torch.tensor([height, width])}
 
 
-def build_dataset(images_dir, annotation_file, train: bool, image_size: int = 800, **kwargs) -> CocoDetection:
-    """A CocoDetection with the paper's training or validation transforms at `image_size`."""
-    return CocoDetection(images_dir, annotation_file, make_transforms(train, image_size), **kwargs)
+def build_dataset(images_dir, annotation_file, train: bool, image_size: int = 800, max_size: int = 0,
+                  **kwargs) -> CocoDetection:
+    """A CocoDetection with the paper's training or validation transforms at `image_size`
+    (and `max_size`, see make_transforms)."""
+    return CocoDetection(images_dir, annotation_file, make_transforms(train, image_size, max_size), **kwargs)
 
 
-def collate(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
-    """Pad images to the batch's largest height and width (bottom and right). Returns images
-    (B, 3, H, W), mask (B, H, W) True on padding, and the targets. None items (skipped
-    images) are left out."""
+def compile_padding(image_size: int, max_size: int = 0) -> int:
+    """The multiple that --compile pads batches to: a sixth of the longer side's limit, rounded
+    up to 32 pixels, so that a batch takes one of at most 6 heights and 6 widths (COCO: 224 px,
+    so an 800 x 1066 batch becomes 896 x 1120, 18% more pixels; tiny: 64 px, 128 x 128 stays)."""
+    return (-(-longest_side(image_size, max_size) // 6) + 31) // 32 * 32
+
+
+def collate(batch: list, pad_to: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+    """Pad images to the batch's largest height and width (bottom and right), rounded up to a
+    multiple of `pad_to` if it is not 0 (compile_padding). Returns images (B, 3, H, W), mask
+    (B, H, W) True on padding, and the targets. None items (skipped images) are left out."""
     batch = [item for item in batch if item is not None]
     if not batch:
         raise DatasetError("every image of a batch was unreadable and skipped")
     height = max(image.shape[1] for image, _ in batch)
     width = max(image.shape[2] for image, _ in batch)
+    if pad_to:
+        height, width = -(-height // pad_to) * pad_to, -(-width // pad_to) * pad_to
     images = torch.zeros(len(batch), 3, height, width)
     mask = torch.ones(len(batch), height, width, dtype=torch.bool)
     for i, (image, _) in enumerate(batch):
@@ -423,10 +440,11 @@ def collate(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
     return images, mask, [target for _, target in batch]
 
 
-def prepare(images: list[Image.Image], image_size: int = 800) -> tuple[torch.Tensor, torch.Tensor]:
+def prepare(images: list[Image.Image], image_size: int = 800, max_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """PIL images -> (images (B, 3, H, W), mask (B, H, W)) for the model, resized and normalized
-    as for validation; for inference on images without annotations."""
-    transform = v2.Compose([RandomResize([image_size], max_size=round(1333 * image_size / 800)),
+    as for validation (longer side at most longest_side(image_size, max_size)); for inference
+    on images without annotations."""
+    transform = v2.Compose([RandomResize([image_size], max_size=longest_side(image_size, max_size)),
                             *_to_normalized_tensor()])
     batch, mask, _ = collate([(transform(to_rgb(image)), None) for image in images])
     return batch, mask

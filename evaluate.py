@@ -19,10 +19,12 @@ cross-attention (paper Figures 1 and 4); --compare adds a second model (e.g. DET
 import argparse
 import base64
 import contextlib
+import functools
 import html
 import io
 import json
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -57,6 +59,14 @@ def predict(model: cdetr.ConditionalDETR, loader, device, amp: bool = False) -> 
                             "score": round(score, 5)}
                            for label, box, score in zip(result["labels"].tolist(), xywh.tolist(), result["scores"].float().tolist())]
     return detections
+
+
+def compiled(model: torch.nn.Module) -> torch.nn.Module:
+    """torch.compile for the padded batches of --compile: one compile per batch shape, of
+    which data.compile_padding allows at most 6 x 6 (and a smaller last batch), so the limit
+    of recompiles is raised above them; dynamic=False: each shape gets its own fixed-size code."""
+    torch._dynamo.config.recompile_limit = 64
+    return torch.compile(model, dynamic=False)
 
 
 def evaluation_batch_size(cfg: cdetr.Config, batch_size: int) -> int:
@@ -156,7 +166,7 @@ def detect(model: cdetr.ConditionalDETR, files: list[Path], names: dict[int, str
     detections, used_names = [], set()
     for path in files:
         image = data.read_image(path)
-        images, mask = data.prepare([image], image_size)
+        images, mask = data.prepare([image], image_size, model.cfg.max_size)
         target = {"image_id": str(path), "orig_size": torch.tensor([image.height, image.width])}
         found = [d for d in predict(model, [(images, mask, [target])], device, amp) if d["score"] >= threshold]
         stem = path.stem
@@ -191,7 +201,7 @@ def attention_record(model: cdetr.ConditionalDETR, name: str, image: Image.Image
     sums over the image before quantisation; the reference point sigmoid(s) in pixels (None
     for decoder="detr"). "cell" is a feature cell's (width, height) in pixels of `image`."""
     cfg = model.cfg
-    images, mask = data.prepare([image], image_size)
+    images, mask = data.prepare([image], image_size, cfg.max_size)
     maps = cdetr.cross_attention_maps(model, images.to(device), mask.to(device), layer=None)
     outputs, pixels = maps["outputs"], torch.tensor([image.width, image.height] * 2)
     found = cdetr.PostProcess(EXPLAIN_MAX_DETECTIONS)(outputs, torch.tensor([[image.height, image.width]]).to(device))[0]
@@ -298,6 +308,8 @@ def main():
     parser.add_argument("--images", help="image folder of a COCO-format dataset (with --annotations)")
     parser.add_argument("--annotations", help="COCO-format annotation json (with --images)")
     parser.add_argument("--image-size", type=data.positive_int, help="shorter side at test time (default: the model's, 800 for COCO)")
+    parser.add_argument("--max-size", type=data.positive_int,
+                        help="longer side at most this at test time (default: the model's, 1333 for COCO)")
     parser.add_argument("--subset", type=data.positive_int, help="evaluate the first N images only")
     parser.add_argument("--output", help="folder for detections.json and pictures "
                                          "(default: runs/detect or runs/evaluate, numbered if it exists)")
@@ -307,6 +319,9 @@ def main():
     parser.add_argument("--batch-size", type=data.positive_int,
                         help="images per batch (default: 8, and 1 for DC5 models, which lose AP to padding otherwise)")
     parser.add_argument("--num-workers", type=int, choices=range(0, 65), metavar="N", default=2)
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model for dataset evaluation, batches padded as train.py --compile pads "
+                             "them (the GPU lever; no gain on a CPU, see the README)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", action="store_true",
                         help="bfloat16 autocast: on a GPU, or a CPU with AVX512-BF16 or AMX (elsewhere it may be slower)")
@@ -318,6 +333,9 @@ def main():
         parser.error("--compare goes with --explain")
     if args.detect and args.explain:
         parser.error("--detect and --explain: one at a time")
+    if args.compile and (args.detect or args.explain):
+        parser.error("--compile is for dataset evaluation: --detect and --explain run one image at a time, each "
+                     "its own shape, which compiling would not speed up")
     inputs, mode = (args.detect, "detect") if args.detect else (args.explain, "explain")
     if inputs:   # checked before the weights are loaded (or downloaded)
         files = image_files(inputs)
@@ -334,13 +352,18 @@ def main():
         except cdetr.WeightsError as e:
             raise cdetr.WeightsError(f"--{flag} {e}") from None
     (model, pretrained, names), other = loaded["weights"], loaded["compare"]
+    if args.max_size:   # the models' own limit is read where the images are resized
+        for shown in (model, other and other[0]):
+            if shown:
+                shown.cfg = replace(shown.cfg, max_size=args.max_size)
     if args.preset and pretrained.config:
         print(f"warning: --preset {args.preset} is not used: {args.weights} has its own config")
     image_size = args.image_size or model.cfg.image_size
     device = torch.device(args.device)
     model.to(device)
     print(f"{args.weights}: {pretrained.format}, {model.cfg.backbone}{' DC5' if model.cfg.dilation else ''}, "
-          f"{model.cfg.num_classes} class logits, image size {image_size}")
+          f"{model.cfg.num_classes} class logits, image size {image_size} (longer side at most "
+          f"{data.longest_side(image_size, model.cfg.max_size)})")
 
     if args.explain:
         models = [(args.weights, model, names)]
@@ -364,7 +387,8 @@ def main():
         images_dir, annotation_file = pretrained.train_args["val_images"], pretrained.train_args["val_annotations"]
     else:
         parser.error("say which data to evaluate on: --coco-path, --images/--annotations, or --detect")
-    dataset = data.build_dataset(images_dir, annotation_file, train=False, image_size=image_size, subset=args.subset)
+    dataset = data.build_dataset(images_dir, annotation_file, train=False, image_size=image_size,
+                                 max_size=model.cfg.max_size, subset=args.subset)
     if dataset.num_classes > model.cfg.num_classes:
         warnings.warn(f"{annotation_file} has category ids up to {dataset.num_classes - 1} but the model "
                       f"predicts only {model.cfg.num_classes} classes")
@@ -372,9 +396,11 @@ def main():
         print(f"warning: --batch-size {args.batch_size} with a DC5 model: padding in a batch lowers its AP (the "
               f"official code evaluates DC5 one image at a time, the default here)")
     batch_size = args.batch_size or evaluation_batch_size(model.cfg, 8)
+    pad_to = data.compile_padding(image_size, model.cfg.max_size) if args.compile else 0
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=args.num_workers,
-                                         collate_fn=data.collate, pin_memory=device.type == "cuda")
-    detections = predict(model, loader, device, args.amp)
+                                         collate_fn=functools.partial(data.collate, pad_to=pad_to),
+                                         pin_memory=device.type == "cuda")
+    detections = predict(compiled(model) if args.compile else model, loader, device, args.amp)
     metrics = coco_metrics(dataset.coco, detections, dataset.ids)
 
     out_dir = Path(args.output) if args.output else data.unused_dir("runs/evaluate")

@@ -17,6 +17,7 @@ starts a new run; a class head of another size is re-created.
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -35,7 +36,7 @@ from tqdm import tqdm
 
 import cdetr
 import data
-from evaluate import coco_metrics, evaluation_batch_size, predict
+from evaluate import coco_metrics, compiled, evaluation_batch_size, predict
 
 
 @contextlib.contextmanager
@@ -104,12 +105,18 @@ def parse_args(argv=None):
     m.add_argument("--lr", type=float, help="learning rate of the transformer and heads")
     m.add_argument("--lr-backbone", type=float, help="learning rate of the backbone")
     m.add_argument("--image-size", type=data.positive_int, help="validation shorter side; training sizes scale with it")
+    m.add_argument("--max-size", type=data.positive_int,
+                   help="longer side at most this many pixels, in training and validation (default: 1333 x "
+                        "image size / 800, the recipe's 1333); lower it to cut memory")
     m.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="override any cdetr.Config field, e.g. --set hidden_dim=128 dec_layers=3")
     r = p.add_argument_group("running")
     r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     r.add_argument("--amp", action="store_true",
                    help="bfloat16 autocast: on a GPU, or a CPU with AVX512-BF16 or AMX (elsewhere it may be slower)")
+    r.add_argument("--compile", action="store_true",
+                   help="torch.compile the model, with each batch padded up to a multiple of a sixth of the longer "
+                        "side so that few shapes occur (one compile each); the GPU lever, no gain on a CPU (README)")
     r.add_argument("--num-workers", type=int, choices=range(0, 65), metavar="N",
                    help="data-loading processes (default: 0 on a CPU, where they would compete with the model for cores; 4 on CUDA)")
     r.add_argument("--seed", type=int, default=42)
@@ -138,7 +145,8 @@ def parse_args(argv=None):
 def make_config(args, base: cdetr.Config) -> cdetr.Config:
     """`base` (a preset or the config of --init-from), then the explicit flags, then --set."""
     overrides = {k: v for k, v in dict(decoder=args.decoder, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                                       lr_backbone=args.lr_backbone, image_size=args.image_size).items() if v is not None}
+                                       lr_backbone=args.lr_backbone, image_size=args.image_size,
+                                       max_size=args.max_size).items() if v is not None}
     if args.pretrained_backbone:
         overrides["pretrained_backbone"] = True
     types = {f.name: f.type for f in fields(cdetr.Config)}
@@ -211,7 +219,8 @@ def set_rng_states(states: dict):
 PAPER_PRESETS = ("r50", "r50-dc5", "r101", "r101-dc5")
 
 # Flags that only choose the config: on --resume the checkpoint's config wins over them.
-CONFIG_FLAGS = ("preset", "decoder", "batch_size", "lr", "lr_backbone", "image_size", "set", "pretrained_backbone")
+CONFIG_FLAGS = ("preset", "decoder", "batch_size", "lr", "lr_backbone", "image_size", "max_size", "set",
+                "pretrained_backbone")
 
 # On --resume, flags the command line leaves out take the run's values, except these.
 NEVER_RESUMED = ("resume", "init_from", "epochs", "output_dir", "given")
@@ -418,8 +427,10 @@ def main(argv=None):
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     train_set = data.build_dataset(args.train_images, args.train_annotations, train=True, image_size=cfg.image_size,
+                                   max_size=cfg.max_size,
                                    subset=args.subset, subset_seed=args.subset_seed, skip_bad_images=args.skip_bad_images)
     val_set = data.build_dataset(args.val_images, args.val_annotations, train=False, image_size=cfg.image_size,
+                                 max_size=cfg.max_size,
                                  skip_bad_images=args.skip_bad_images)
     # --- the training file, the validation file and the weights must mean the same by each category id
     data.require_same_categories(train_set.category_names, args.train_annotations, val_set.category_names,
@@ -478,10 +489,13 @@ def main(argv=None):
         if len(saved) != world_size and main_process:
             print(f"warning: {args.resume} was trained by {len(saved)} process(es), this run has {world_size}: the "
                   f"random augmentation will differ from an uninterrupted run")
-    trained_model = model
+    trained_model = evaluated_model = model
     if distributed:
         trained_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        trained_model, evaluated_model = compiled(trained_model), compiled(model)
+    collate = functools.partial(data.collate, pad_to=data.compile_padding(cfg.image_size, cfg.max_size) if args.compile else 0)
 
     if main_process:
         check_output_folder(output_dir, model)
@@ -499,7 +513,7 @@ def main(argv=None):
     on_gpu = device.type == "cuda"        # pinned host memory lets the copies to the GPU overlap the work
     val_loader = torch.utils.data.DataLoader(val_shard, batch_size=evaluation_batch_size(cfg, cfg.batch_size * 2),
                                              num_workers=args.num_workers,
-                                             collate_fn=data.collate, pin_memory=on_gpu)
+                                             collate_fn=collate, pin_memory=on_gpu)
 
     epoch, steps = start_epoch, 0
     try:
@@ -513,7 +527,7 @@ def main(argv=None):
             else:
                 sampler = torch.utils.data.RandomSampler(train_set, generator=order)
             loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                                                 num_workers=args.num_workers, collate_fn=data.collate, generator=order,
+                                                 num_workers=args.num_workers, collate_fn=collate, generator=order,
                                                  pin_memory=on_gpu)
             trained_model.train()
             sums, steps, start = {}, 0, time.time()
@@ -551,7 +565,7 @@ def main(argv=None):
                 if distributed:   # BatchNorm's running statistics differ per process: evaluate with the saved ones
                     for buffer in model.buffers():
                         dist.broadcast(buffer, src=0)
-                detections = predict(model, val_loader, device, args.amp)
+                detections = predict(evaluated_model, val_loader, device, args.amp)
                 if distributed:
                     gathered = [None] * world_size
                     dist.all_gather_object(gathered, detections)

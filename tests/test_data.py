@@ -13,6 +13,7 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+import cdetr
 import data
 
 
@@ -123,6 +124,24 @@ def test_training_pipeline_keeps_boxes_normalized_and_inside():
         boxes = out["boxes"].as_subclass(torch.Tensor)
         assert (boxes[:, 2:] > boxes[:, :2]).all()
         assert (boxes[:, 0::2] <= out_image.shape[-1]).all() and (boxes[:, 1::2] <= out_image.shape[-2]).all()
+
+
+def test_max_size_caps_the_longer_side_in_training_validation_and_prepare():
+    import train
+    random.seed(0)
+    image = Image.new("RGB", (200, 100))
+    target = lambda: {"boxes": boxes_xyxy([[20, 10, 60, 50]], (100, 200)), "labels": torch.tensor([1])}  # noqa: E731
+    longest = {max_size: max(max(data.make_transforms(True, 128, max_size)(image, target())[0].shape[-2:])
+                             for _ in range(40)) for max_size in (0, 100)}
+    assert longest[0] > 150 and 90 <= longest[100] <= 101        # official rounding may add one pixel
+    # validation at 64: the recipe's cap is 107 (54 x 108, see below); with 80, round(80 / 2) = 40 x 80
+    assert tuple(data.make_transforms(False, 64, 80)(image, target())[0].shape[-2:]) == (40, 80)
+    assert tuple(data.prepare([image], 64, 80)[0].shape[-2:]) == (40, 80)
+    assert data.longest_side(64) == 107 and data.longest_side(64, 80) == 80
+    cfg = train.make_config(train.parse_args(["--max-size", "80"]), cdetr.preset("tiny"))
+    assert cfg.max_size == 80 and "max_size" in train.CONFIG_FLAGS
+    with pytest.raises(cdetr.ConfigError, match="max_size"):
+        cdetr.preset("tiny", max_size=-1)
 
 
 def test_validation_transform_is_deterministic_resize():
@@ -433,3 +452,13 @@ def test_a_phone_photo_stored_sideways_is_read_as_shown(tmp_path):
         data.read_image(tmp_path / "phone.jpg", (40, 20))
     batch, _ = data.prepare([Image.open(tmp_path / "phone.jpg")], image_size=40)
     assert batch.shape[-2] == 2 * batch.shape[-1]                     # --detect and the tutorials see it upright
+
+
+def test_collate_pads_up_to_a_multiple_with_the_padding_masked():
+    first, second = torch.rand(3, 40, 50), torch.rand(3, 20, 70)
+    images, mask, _ = data.collate([(first, {}), (second, {})], pad_to=32)
+    assert images.shape == (2, 3, 64, 96) and mask.shape == (2, 64, 96)
+    assert torch.equal(images[0, :, :40, :50], first) and images[0, :, 40:].abs().sum() == 0
+    assert (~mask[0]).sum() == 40 * 50 and not mask[0, :40, :50].any() and (~mask[1]).sum() == 20 * 70
+    assert data.collate([(first, {}), (second, {})])[0].shape == (2, 3, 40, 70)     # no pad_to: the batch's largest
+    assert [data.compile_padding(800), data.compile_padding(128), data.compile_padding(800, 1000)] == [224, 64, 192]

@@ -86,6 +86,8 @@ def test_corrupt_image_in_evaluation_and_detect(shapes, tmp_path):
                        "--output", tmp_path / "x", check=False), f"{images / '000002.png'}: cannot read image")
     one_line_error(run("evaluate.py", "--weights", tmp_path / "model.pth", "--detect", tmp_path / "nowhere",
                        check=False), f"{tmp_path / 'nowhere'}: no such file or folder")
+    one_line_error(run("evaluate.py", "--weights", tmp_path / "model.pth", "--detect", images, "--compile",
+                       check=False), "--compile is for dataset evaluation", status=2)
 
 
 @pytest.mark.parametrize("flags, expected", [
@@ -93,6 +95,7 @@ def test_corrupt_image_in_evaluation_and_detect(shapes, tmp_path):
     (["--epochs", "-2"], "argument --epochs: must be a whole number of at least 1"),
     (["--subset", "0"], "argument --subset: must be a whole number of at least 1"),
     (["--image-size", "big"], "argument --image-size: must be a whole number of at least 1, not 'big'"),
+    (["--max-size", "0"], "argument --max-size: must be a whole number of at least 1, not '0'"),
 ])
 def test_numbers_are_checked_before_any_work(flags, expected, tmp_path):
     result = run("train.py", "--shapes-dir", tmp_path / "never_made", *flags, check=False)

@@ -338,7 +338,8 @@ def test_detect_on_a_folder(shapes, tmp_path):
         data.shapes_example(index, "val", size=64, min_side=12, max_side=30)[0].save(folder / f"photo{index}.png")
     tiny_checkpoint(tmp_path / "model.pth", num_classes=4)
     result = run("evaluate.py", "--weights", tmp_path / "model.pth", "--detect", folder, "--threshold", "0",
-                 "--output", tmp_path / "out")
+                 "--output", tmp_path / "out", "--max-size", "48")
+    assert "image size 64 (longer side at most 48)" in result.stdout, result.stdout
     assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["photo1.png", "photo2.png"]
     detections = json.loads((tmp_path / "out" / "detections.json").read_text())
     assert {d["image"] for d in detections} == {str(folder / "photo1.png"), str(folder / "photo2.png")}
@@ -479,3 +480,30 @@ def test_a_full_disk_is_one_line_and_loses_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(train.shutil, "disk_usage", lambda folder: type("usage", (), {"free": 10_000})())
     with pytest.raises(cdetr.InputError, match=r"0 MB free on its disk, but a checkpoint of this model needs about"):
         train.check_output_folder(tmp_path / "run", torch.nn.Linear(100, 100))
+
+
+def test_compile_pads_every_batch_to_few_shapes_and_compiles_training_and_evaluation(shapes, tmp_path, monkeypatch):
+    """--compile hands the trained and the evaluated model to evaluate.compiled (replaced here by
+    a recorder: a real compile takes minutes on a CPU, see benchmarks/speed.py --compile), and
+    every batch either sees is padded to a multiple of data.compile_padding."""
+    seen = {}
+
+    class Recorder(torch.nn.Module):
+        def __init__(self, model, name):
+            super().__init__()
+            self.model, self.name = model, name
+
+        def forward(self, images, mask):
+            seen.setdefault(self.name, set()).add(tuple(images.shape[-2:]))
+            return self.model(images, mask)
+
+    calls = []
+    monkeypatch.setattr(train, "compiled", lambda model: calls.append(model) or Recorder(model, f"model {len(calls)}"))
+    train.main([str(a) for a in ["--shapes-dir", shapes, "--output-dir", tmp_path / "run", *TINY, "--epochs", "1",
+                                 "--compile"]])
+    pad = data.compile_padding(64)
+    assert pad == 32 and len(calls) == 2 and calls[1] is calls[0]    # the same weights, trained then evaluated
+    assert set(seen) == {"model 1", "model 2"}                      # both used: training, then evaluation
+    sizes = seen["model 1"] | seen["model 2"]
+    assert all(h % pad == 0 and w % pad == 0 for h, w in sizes) and len(sizes) <= 9, sizes
+    assert (tmp_path / "run" / "checkpoint.pth").exists()
