@@ -2,6 +2,7 @@
 
     python benchmarks/memory.py                      # every preset, batch 1 and 2, float32 and bf16 (CUDA if there)
     python benchmarks/memory.py --device cpu --presets tiny r50 --batches 1
+    python benchmarks/memory.py --presets r50 --max-size 1000        # train.py --max-size 1000
 
 One step is what train.py repeats: forward (bfloat16 autocast for "bf16", as --amp), the set
 loss with its matching, backward, gradient clipping and a fused AdamW step, on images at the
@@ -31,14 +32,17 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 import cdetr  # noqa: E402
+import data  # noqa: E402
 from speed import inputs  # noqa: E402
 
 PRESETS = ("tiny", "r50", "r50-dc5", "r101", "r101-dc5")
 
 
 def training_size(cfg: cdetr.Config) -> tuple[int, int]:
-    """The largest (height, width) training draws for this config: 800 x 1333 at image_size 800."""
-    return cfg.image_size, round(1333 * cfg.image_size / 800)
+    """The largest (height, width) training draws for this config: 800 x 1333 at image_size 800;
+    with a max_size M below that, min(800, M) x M."""
+    longest = data.longest_side(cfg.image_size, cfg.max_size)
+    return min(cfg.image_size, longest), longest
 
 
 def resident_mb() -> float:
@@ -46,11 +50,11 @@ def resident_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def one_measurement(preset: str, batch: int, precision: str, device: torch.device) -> dict:
+def one_measurement(preset: str, batch: int, precision: str, device: torch.device, max_size: int = 0) -> dict:
     """Peak memory (MB) of one training step, in this process: see the module docstring."""
     before = resident_mb()
     torch.manual_seed(0)
-    cfg = cdetr.preset(preset, num_classes=91 if preset != "tiny" else 4)
+    cfg = cdetr.preset(preset, num_classes=91 if preset != "tiny" else 4, max_size=max_size)
     model = cdetr.ConditionalDETR(cfg).to(device).train()
     criterion = cdetr.SetCriterion(cfg)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
@@ -84,12 +88,13 @@ def main():
     parser.add_argument("--presets", nargs="+", choices=PRESETS, default=list(PRESETS))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--precisions", nargs="+", choices=["float32", "bf16"], default=["float32", "bf16"])
+    parser.add_argument("--max-size", type=int, default=0, help="as train.py --max-size (default: the recipe's)")
     parser.add_argument("--one", nargs=3, metavar=("PRESET", "BATCH", "PRECISION"), help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(HERE / "results" / "memory.json"))
     args = parser.parse_args()
     if args.one:   # the child: one measurement, printed as json
         preset, batch, precision = args.one
-        print(json.dumps(one_measurement(preset, int(batch), precision, torch.device(args.device))))
+        print(json.dumps(one_measurement(preset, int(batch), precision, torch.device(args.device), args.max_size)))
         return
 
     rows = []
@@ -97,12 +102,12 @@ def main():
         for batch in args.batches:
             for precision in args.precisions:
                 done = subprocess.run([sys.executable, __file__, "--one", preset, str(batch), precision, "--device",
-                                       args.device], capture_output=True, text=True)
+                                       args.device, "--max-size", str(args.max_size)], capture_output=True, text=True)
                 if done.returncode != 0:
                     result = {"error": (done.stderr.strip().splitlines() or ["?"])[-1][:200]}
                 else:
                     result = json.loads(done.stdout.strip().splitlines()[-1])
-                rows.append({"preset": preset, "batch": batch, "precision": precision, **result})
+                rows.append({"preset": preset, "batch": batch, "precision": precision, "max_size": args.max_size, **result})
                 print(rows[-1], flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
@@ -114,9 +119,10 @@ def markdown_table(rows: list[dict]) -> str:
     columns = sorted({(r["batch"], r["precision"]) for r in rows})
     lines = ["| preset | " + " | ".join(f"batch {b}, {p}" for b, p in columns) + " |",
              "| --- |" + " --- |" * len(columns)]
-    for preset in dict.fromkeys(r["preset"] for r in rows):
-        cells = {(r["batch"], r["precision"]): r for r in rows if r["preset"] == preset}
-        lines.append(f"| {preset} | " + " | ".join(
+    for preset, max_size in dict.fromkeys((r["preset"], r.get("max_size", 0)) for r in rows):
+        cells = {(r["batch"], r["precision"]): r for r in rows if (r["preset"], r.get("max_size", 0)) == (preset, max_size)}
+        label = f"{preset}, --max-size {max_size}" if max_size else preset
+        lines.append(f"| {label} | " + " | ".join(
             f"{cells[c]['peak_mb'] / 1024:.1f} GB" if c in cells and "peak_mb" in cells[c] else "-" for c in columns) + " |")
     return "\n".join(lines)
 

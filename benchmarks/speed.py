@@ -5,6 +5,7 @@
     python benchmarks/speed.py --baseline ../cdetr-before          # and ours at another commit (a worktree)
     /path/to/venv/bin/python benchmarks/speed.py ...               # and Hugging Face's, where transformers and timm import
     python benchmarks/speed.py --device cuda --amp                 # on a GPU, with bfloat16 autocast
+    python benchmarks/speed.py --compile                           # and ours under torch.compile (minutes to compile)
 
 Settings: R50 inference (1 image, 800 x 1066), an R50 training step (2 images, 512 x 683:
 forward, loss, backward and AdamW step), and the tiny preset's inference (8 images, 128 x 128)
@@ -36,6 +37,7 @@ import torchvision
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 import cdetr  # noqa: E402
+from evaluate import compiled  # noqa: E402
 
 # setting: (preset, batch, height, width, training step?)
 SETTINGS = {"r50 inference": ("r50", 1, 800, 1066, False), "r50 training step": ("r50", 2, 512, 683, True),
@@ -153,13 +155,21 @@ def implementations(setting: str, args, device) -> dict[str, Implementation]:
             module.fold_batchnorm(model.eval())
         found[name] = Implementation(model, functools.partial(model, images, mask),
                                      lambda m=model, c=criterion: c(m(images, mask), targets)["loss"], args.amp, device)
+        if args.compile and name == "ours":   # as train.py and evaluate.py --compile run it; one shape, as padded
+            model, criterion = ours(module, preset, weights, device)
+            if not SETTINGS[setting][4]:
+                module.fold_batchnorm(model.eval())
+            fast = compiled(model)
+            found["ours compiled"] = Implementation(model, functools.partial(fast, images, mask),
+                                                    lambda: criterion(fast(images, mask), targets)["loss"], args.amp, device)
     return {name: found[name] for name in sorted(found, key=lambda n: (n != "ours", n))}
 
 
 def time_rounds(impls: dict[str, Implementation], training: bool, rounds: int, iters: int, warmup: int,
-                device) -> dict[str, float]:
+                device, first_steps: dict) -> dict[str, float]:
     """Median seconds per step of every implementation over `rounds` rounds, the order of the
-    implementations reversed every other round."""
+    implementations reversed every other round. Each one's first step (for "ours compiled",
+    the compile) goes into `first_steps`, in seconds."""
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -167,8 +177,13 @@ def time_rounds(impls: dict[str, Implementation], training: bool, rounds: int, i
     for round_ in range(rounds):
         for name, impl in (impls.items() if round_ % 2 == 0 else reversed(impls.items())):
             impl.model.train(training)
-            for _ in range(warmup if round_ == 0 else 1):
+            for k in range(warmup if round_ == 0 else 1):
+                sync()
+                start = time.perf_counter()
                 impl.step(training)
+                sync()
+                if round_ == 0 and k == 0:
+                    first_steps[name] = time.perf_counter() - start
             times = []
             for _ in range(iters):
                 sync()
@@ -189,6 +204,8 @@ def main():
     parser.add_argument("--baseline", help="a checkout of this repository at another commit, e.g. a git worktree")
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS), metavar="SETTING",
                         help=f"which of: {', '.join(SETTINGS)} (default: all)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time ours under torch.compile (as --compile runs it), with its compile time")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds")
     parser.add_argument("--iters", type=int, default=3, help="timed iterations per implementation and round")
     parser.add_argument("--warmup", type=int, default=2)
@@ -198,21 +215,27 @@ def main():
 
     rows = []
     for setting in args.settings:
+        first_steps = {}
         seconds = time_rounds(implementations(setting, args, device), SETTINGS[setting][4], args.rounds, args.iters,
-                              args.warmup, device)
-        peers = {n: s for n, s in seconds.items() if n not in ("ours", "baseline")}
+                              args.warmup, device, first_steps)
+        peers = {n: s for n, s in seconds.items() if n not in ("ours", "baseline", "ours compiled")}
         row = {"setting": setting, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-               "threads": torch.get_num_threads(), "amp": args.amp, "seconds": {n: round(s, 4) for n, s in seconds.items()}}
+               "threads": torch.get_num_threads(), "amp": args.amp, "seconds": {n: round(s, 4) for n, s in seconds.items()},
+               "first_step_seconds": {n: round(s, 2) for n, s in first_steps.items()}}
         if peers:
             fastest = min(peers, key=peers.get)
             row["ours_vs_fastest_peer"] = round(peers[fastest] / seconds["ours"], 3)
             row["fastest_peer"] = fastest
         if "baseline" in seconds:
             row["ours_vs_baseline"] = round(seconds["baseline"] / seconds["ours"], 3)
+        if "ours compiled" in seconds:
+            row["compiled_vs_ours"] = round(seconds["ours"] / seconds["ours compiled"], 3)
         rows.append(row)
         times = ", ".join(f"{n} {s * 1000:.0f} ms" for n, s in row["seconds"].items())
         ratios = (f"; ours vs the fastest peer ({row['fastest_peer']}) {row['ours_vs_fastest_peer']:.2f}x" if peers else ""
-                  ) + (f"; ours vs baseline {row['ours_vs_baseline']:.2f}x" if "baseline" in seconds else "")
+                  ) + (f"; ours vs baseline {row['ours_vs_baseline']:.2f}x" if "baseline" in seconds else "") + (
+                  f"; compiled vs ours {row['compiled_vs_ours']:.2f}x, its compile (first step) "
+                  f"{first_steps['ours compiled']:.0f} s" if "ours compiled" in seconds else "")
         print(f"{setting:20} {times}{ratios}", flush=True)
     # the table the README shows: time per step, and the ratios (their time / ours)
     names = list(dict.fromkeys(n for row in rows for n in row["seconds"]))

@@ -74,6 +74,20 @@ def test_the_speed_table_is_the_committed_result():
         assert row[6] == f"{measured[setting]['ours_vs_baseline']:.2f}x", setting
 
 
+def test_the_compile_table_is_the_committed_result():
+    """R50 rows from speed.json, tiny rows from the cold-cache run (speed_tiny_cold_compile.json)."""
+    measured = {row["setting"]: row for name in ("speed.json", "speed_tiny_cold_compile.json")
+                for row in json.loads((RESULTS / name).read_text()) if "ours compiled" in row["seconds"]
+                and (row["setting"].startswith("r50") == (name == "speed.json"))}
+    rows = table_after("| setting | ours | ours compiled |")
+    assert len(rows) == len(measured) == 4
+    for setting, ours, fast, ratio, compile_time in rows:
+        want = measured[" ".join(setting.split(",")[0].split()[:3]).lower()]
+        assert [ours, fast] == [f"{want['seconds'][k] * 1000:.0f} ms" for k in ("ours", "ours compiled")], setting
+        assert ratio == f"{want['compiled_vs_ours']:.2f}x", setting
+        assert compile_time == f"{want['first_step_seconds']['ours compiled']:.0f} s", setting
+
+
 def test_the_fine_tuning_table_is_the_committed_result():
     runs = json.loads((RESULTS / "finetune.json").read_text())["runs"]
     header, scratch, finetuned = [README[README.index("| epoch | 1 | 2 | 4 |"):].splitlines()[0].strip("|").split("|"),
@@ -84,7 +98,8 @@ def test_the_fine_tuning_table_is_the_committed_result():
 
 
 @pytest.mark.parametrize("name", ["default_run.jsonl", "convergence.json", "ablations.json", "speed.json", "finetune.json",
-                                  "memory.json"])
+                                  "memory.json", "memory_max_size_1000.json",
+                                  "speed_tiny_cold_compile.json"])
 def test_every_result_file_the_readme_names_exists(name):
     assert (RESULTS / name).is_file()
 
@@ -93,4 +108,5 @@ def test_the_memory_table_is_the_committed_result():
     import sys
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from memory import markdown_table
-    assert markdown_table(json.loads((RESULTS / "memory.json").read_text())) in README
+    for name in ("memory.json", "memory_max_size_1000.json"):
+        assert markdown_table(json.loads((RESULTS / name).read_text())) in README, name
