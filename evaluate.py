@@ -353,9 +353,8 @@ def main():
             raise cdetr.WeightsError(f"--{flag} {e}") from None
     (model, pretrained, names), other = loaded["weights"], loaded["compare"]
     if args.max_size:   # the models' own limit is read where the images are resized
-        for shown in (model, other and other[0]):
-            if shown:
-                shown.cfg = replace(shown.cfg, max_size=args.max_size)
+        for shown in [model] + ([other[0]] if other else []):
+            shown.cfg = replace(shown.cfg, max_size=args.max_size)
     if args.preset and pretrained.config:
         print(f"warning: --preset {args.preset} is not used: {args.weights} has its own config")
     image_size = args.image_size or model.cfg.image_size

@@ -119,8 +119,9 @@ def markdown_table(rows: list[dict]) -> str:
     columns = sorted({(r["batch"], r["precision"]) for r in rows})
     lines = ["| preset | " + " | ".join(f"batch {b}, {p}" for b, p in columns) + " |",
              "| --- |" + " --- |" * len(columns)]
-    for preset, max_size in dict.fromkeys((r["preset"], r.get("max_size", 0)) for r in rows):
-        cells = {(r["batch"], r["precision"]): r for r in rows if (r["preset"], r.get("max_size", 0)) == (preset, max_size)}
+    row_of = lambda r: (r["preset"], r.get("max_size", 0))   # noqa: E731  (files before --max-size have none)
+    for preset, max_size in dict.fromkeys(map(row_of, rows)):
+        cells = {(r["batch"], r["precision"]): r for r in rows if row_of(r) == (preset, max_size)}
         label = f"{preset}, --max-size {max_size}" if max_size else preset
         lines.append(f"| {label} | " + " | ".join(
             f"{cells[c]['peak_mb'] / 1024:.1f} GB" if c in cells and "peak_mb" in cells[c] else "-" for c in columns) + " |")

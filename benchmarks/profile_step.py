@@ -77,7 +77,7 @@ def main():
         step(True)
     total = sum(v for k, v in seconds.items() if not k.startswith("("))
     print(f"tiny training step, {args.steps} steps, {torch.get_num_threads()} threads: {1000 * total / args.steps:.0f} ms")
-    for name in sorted(seconds, key=lambda k: (k.startswith("("), 0)):   # the matching after the parts
+    for name in sorted(seconds, key=lambda k: k.startswith("(")):   # the matching after the parts
         print(f"  {name:34} {1000 * seconds[name] / args.steps:6.1f} ms  {100 * seconds[name] / total:5.1f}%")
 
     with profile(activities=[ProfilerActivity.CPU]) as profiler:

@@ -149,31 +149,28 @@ def implementations(setting: str, args, device) -> dict[str, Implementation]:
         spec = importlib.util.spec_from_file_location("cdetr_baseline", Path(args.baseline) / "cdetr.py")
         modules["baseline"] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(modules["baseline"])
-    for name, module in modules.items():
-        model, criterion = ours(module, preset, weights, device)
-        if not SETTINGS[setting][4] and hasattr(module, "fold_batchnorm"):   # as evaluate.py runs it
-            module.fold_batchnorm(model.eval())
-        found[name] = Implementation(model, functools.partial(model, images, mask),
-                                     lambda m=model, c=criterion: c(m(images, mask), targets)["loss"], args.amp, device)
-        if args.compile and name == "ours":   # as train.py and evaluate.py --compile run it; one shape, as padded
-            model, criterion = ours(module, preset, weights, device)
-            if not SETTINGS[setting][4]:
-                module.fold_batchnorm(model.eval())
-            fast = compiled(model)
-            found["ours compiled"] = Implementation(model, functools.partial(fast, images, mask),
-                                                    lambda: criterion(fast(images, mask), targets)["loss"], args.amp, device)
+    # ours compiled: as train.py and evaluate.py --compile run it, on one shape, as padded batches are
+    variants = [(name, False) for name in modules] + ([("ours", True)] if args.compile else [])
+    for name, compile_it in variants:
+        model, criterion = ours(modules[name], preset, weights, device)
+        if not SETTINGS[setting][4] and hasattr(modules[name], "fold_batchnorm"):   # as evaluate.py runs it
+            modules[name].fold_batchnorm(model.eval())
+        run = compiled(model) if compile_it else model
+        found[f"{name} compiled" if compile_it else name] = Implementation(
+            model, functools.partial(run, images, mask),
+            lambda r=run, c=criterion: c(r(images, mask), targets)["loss"], args.amp, device)
     return {name: found[name] for name in sorted(found, key=lambda n: (n != "ours", n))}
 
 
 def time_rounds(impls: dict[str, Implementation], training: bool, rounds: int, iters: int, warmup: int,
-                device, first_steps: dict) -> dict[str, float]:
+                device) -> tuple[dict[str, float], dict[str, float]]:
     """Median seconds per step of every implementation over `rounds` rounds, the order of the
-    implementations reversed every other round. Each one's first step (for "ours compiled",
-    the compile) goes into `first_steps`, in seconds."""
+    implementations reversed every other round, and the seconds of each one's first step (for
+    "ours compiled", the compile)."""
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
-    per_round = {name: [] for name in impls}
+    per_round, first_steps = {name: [] for name in impls}, {}
     for round_ in range(rounds):
         for name, impl in (impls.items() if round_ % 2 == 0 else reversed(impls.items())):
             impl.model.train(training)
@@ -192,7 +189,7 @@ def time_rounds(impls: dict[str, Implementation], training: bool, rounds: int, i
                 sync()
                 times.append(time.perf_counter() - start)
             per_round[name].append(statistics.median(times))
-    return {name: statistics.median(values) for name, values in per_round.items()}
+    return {name: statistics.median(values) for name, values in per_round.items()}, first_steps
 
 
 def main():
@@ -215,9 +212,8 @@ def main():
 
     rows = []
     for setting in args.settings:
-        first_steps = {}
-        seconds = time_rounds(implementations(setting, args, device), SETTINGS[setting][4], args.rounds, args.iters,
-                              args.warmup, device, first_steps)
+        seconds, first_steps = time_rounds(implementations(setting, args, device), SETTINGS[setting][4], args.rounds,
+                                           args.iters, args.warmup, device)
         peers = {n: s for n, s in seconds.items() if n not in ("ours", "baseline", "ours compiled")}
         row = {"setting": setting, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                "threads": torch.get_num_threads(), "amp": args.amp, "seconds": {n: round(s, 4) for n, s in seconds.items()},
