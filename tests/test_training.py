@@ -45,7 +45,7 @@ def test_official_backbone_training_choice():
     assert trainable == {"layer2", "layer3", "layer4"}
 
 
-@pytest.mark.parametrize("decoder", ["conditional", "detr"])
+@pytest.mark.parametrize("decoder", ["conditional", "detr-offset", "detr"])
 def test_small_model_overfits_one_batch(decoder):
     """Both decoders can fit two images: the DETR-style baseline's slow start on real data is
     not a broken model."""
@@ -131,15 +131,23 @@ def test_gradient_accumulation_equals_one_big_batch(order):
     big_grads, big_weights = gradients_and_step(model, whole, "train.py")
     grads, weights = gradients_and_step(model, halves, "train.py")
     assert big_grads.keys() == grads.keys() and len(grads) == sum(p.requires_grad for p in model.parameters())
+    significant = []
     for name in grads:
         torch.testing.assert_close(grads[name], big_grads[name], rtol=1e-4, atol=1e-7)
-        # Adam's first step is about lr * sign(g) (lr 1e-4): where a gradient is rounding noise (the
-        # self-attention key biases, which softmax ignores), that noise moves the weight by a few % of a step
-        torch.testing.assert_close(weights[name], big_weights[name], rtol=1e-5, atol=5e-6)
+        # Adam's first step is lr * g / (|g| + eps), about lr * sign(g) (lr 1e-4), whatever |g| is. Where a
+        # gradient is zero in exact arithmetic (the self-attention key biases, which softmax ignores), its
+        # sign is rounding noise, which differs between CPU kernels (AMX, AVX2): there the step may go either
+        # way, by at most lr. Where the gradient is well above that noise, the steps must agree.
+        signal = big_grads[name].abs() > 1e-5
+        torch.testing.assert_close(weights[name][signal], big_weights[name][signal], rtol=1e-5, atol=5e-6)
+        assert ((weights[name] - big_weights[name]).abs() <= 2e-4 + 1e-6).all()
+        significant.append(signal.float().mean().item())
+    assert sum(significant) / len(significant) > 0.5     # most of every update is judged, not skipped
     naive, _ = gradients_and_step(model, halves, "naive")
-    worst = max(((naive[n] - big_grads[n]).norm() / big_grads[n].norm()).item() for n in grads
-                if big_grads[n].norm() > 1e-6)
     if order == [0, 1, 2, 3]:     # equal box counts: the naive way is right by luck
-        assert worst < 1e-4
+        for name in grads:
+            torch.testing.assert_close(naive[name], big_grads[name], rtol=1e-4, atol=1e-7)
     else:
+        worst = max(((naive[n] - big_grads[n]).norm() / big_grads[n].norm()).item() for n in grads
+                    if big_grads[n].norm() > 1e-6)
         assert worst > 0.05
