@@ -71,9 +71,9 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 # ----------------------------------------------------------------------------------------
 # Configuration. Defaults are the paper's Conditional DETR-R50 (architecture, losses,
-# optimisation), with the official argument names; except pretrained_backbone, False so that
-# building a model to load weights into downloads nothing (train.py turns it on for a new run of
-# the paper's presets).
+# optimisation), with the official argument names. pretrained_backbone says whether a new run
+# starts from ImageNet weights (train.py turns it on for the paper's presets); building a model
+# never downloads them, whatever the config says (Backbone.load_imagenet_weights does, for train.py).
 # ----------------------------------------------------------------------------------------
 
 
@@ -94,7 +94,7 @@ class Config:
     # backbone
     backbone: str = "resnet50"            # any torchvision ResNet: resnet18 ... resnet101
     dilation: bool = False                # DC5: dilate the last stage instead of striding it
-    pretrained_backbone: bool = False     # ImageNet weights via torchvision (needs internet)
+    pretrained_backbone: bool = False     # a new run starts from ImageNet weights (train.py downloads them)
     train_backbone: str = "layer2-4"      # "layer2-4" (official), "all" (from scratch), "none"
     frozen_batchnorm: bool = True         # False: ordinary BatchNorm, for from-scratch training
     backbone_stages: int = 4              # 4: C5 features (stride 32); 3: C4 (stride 16)
@@ -181,24 +181,15 @@ def preset(name: str, **overrides) -> Config:
 
 class Backbone(nn.Module):
     """ResNet trunk. forward(images (B, 3, H, W), mask (B, H, W) True on padding)
-    -> features (B, num_channels, h, w), feature mask (B, h, w) True on padding."""
+    -> features (B, num_channels, h, w), feature mask (B, h, w) True on padding.
+    Built with random weights: `load_imagenet_weights` is the one place that downloads."""
 
     def __init__(self, cfg: Config):
         super().__init__()
-        weights = None
-        if cfg.pretrained_backbone:
-            # [ours] IMAGENET1K_V1 are the weights torchvision's old `pretrained=True` gave,
-            # which is what the official code trained from.
-            weights = torchvision.models.get_model_weights(cfg.backbone).IMAGENET1K_V1
-        try:
-            resnet = torchvision.models.get_model(
-                cfg.backbone, weights=weights,
-                norm_layer=FrozenBatchNorm2d if cfg.frozen_batchnorm else nn.BatchNorm2d,
-                replace_stride_with_dilation=[False, False, cfg.dilation])
-        except OSError as e:   # no network, or the download broke off
-            raise WeightsError(f"the ImageNet weights of {cfg.backbone} could not be downloaded from {weights.url} "
-                               f"({type(e).__name__}: {e}); with no network, train from scratch instead: --set "
-                               f"pretrained_backbone=false train_backbone=all frozen_batchnorm=false") from None
+        self.cfg = cfg
+        resnet = torchvision.models.get_model(
+            cfg.backbone, weights=None, norm_layer=FrozenBatchNorm2d if cfg.frozen_batchnorm else nn.BatchNorm2d,
+            replace_stride_with_dilation=[False, False, cfg.dilation])
         last = f"layer{cfg.backbone_stages}"
         for name, parameter in resnet.named_parameters():
             trainable = {"all": True, "none": False,
@@ -210,6 +201,28 @@ class Backbone(nn.Module):
         # [ours] channels-last memory order (NHWC): faster convolutions and pooling on this CPU
         # (benchmarks/levers.py; untimed on GPUs, where it is the usual advice for convolutions)
         self.body.to(memory_format=torch.channels_last)
+
+    @torch.no_grad()
+    def load_imagenet_weights(self):
+        """[ours] Copy torchvision's ImageNet weights into the trunk (downloaded once into torch's
+        cache): what a new run of the paper's presets starts from. Only train.py calls this, for a
+        new run; a model built to load a checkpoint into never downloads. IMAGENET1K_V1 are the
+        weights torchvision's old `pretrained=True` gave, which the official code trained from.
+        The RNG draws are those of building the ResNet with these weights (they are copied after
+        the random initialisation), so the rest of the model initialises the same either way."""
+        weights = torchvision.models.get_model_weights(self.cfg.backbone).IMAGENET1K_V1
+        try:
+            imagenet = weights.get_state_dict(progress=False, check_hash=True)
+        except OSError as e:   # no network, or the download broke off
+            raise WeightsError(f"the ImageNet weights of {self.cfg.backbone} could not be downloaded from "
+                               f"{weights.url} ({type(e).__name__}: {e}); with no network, train from scratch "
+                               f"instead: --set pretrained_backbone=false train_backbone=all "
+                               f"frozen_batchnorm=false") from None
+        own = self.body.state_dict()
+        self.body.load_state_dict({k: v for k, v in imagenet.items() if k in own}, strict=False)
+        missing = [k for k in own if k not in imagenet and not k.endswith("num_batches_tracked")]
+        if missing:
+            raise WeightsError(f"the ImageNet weights of {self.cfg.backbone} lack {missing[0]}")
 
     def forward(self, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         features = self.body(images.contiguous(memory_format=torch.channels_last))["features"]

@@ -288,7 +288,7 @@ def load_model(source: str, preset: str | None) -> tuple[cdetr.ConditionalDETR, 
     return cdetr.fold_batchnorm(model.eval()), pretrained, names
 
 
-def main():
+def main(argv=None):
     parser = data.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", "--checkpoint", "--official-checkpoint", required=True, metavar="SOURCE",
                         help="a checkpoint of train.py, an official or Hugging Face file, a model-zoo name (r50, "
@@ -325,7 +325,7 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", action="store_true",
                         help="bfloat16 autocast: on a GPU, or a CPU with AVX512-BF16 or AMX (elsewhere it may be slower)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if bool(args.images) != bool(args.annotations):
         parser.error("--images and --annotations go together")
 

@@ -456,6 +456,8 @@ def main(argv=None):
 
     # --- model, loss, optimizer: the official two learning rates, AdamW and a step decay
     model = cdetr.ConditionalDETR(cfg).to(device)
+    if cfg.pretrained_backbone and not (checkpoint or pretrained):   # only a new run downloads anything
+        model.backbone.load_imagenet_weights()
     if pretrained:
         try:
             new_head = cdetr.load_weights(model, pretrained.state_dict, new_class_head=True)

@@ -507,3 +507,54 @@ def test_compile_pads_every_batch_to_few_shapes_and_compiles_training_and_evalua
     sizes = seen["model 1"] | seen["model 2"]
     assert all(h % pad == 0 and w % pad == 0 for h, w in sizes) and len(sizes) <= 9, sizes
     assert (tmp_path / "run" / "checkpoint.pth").exists()
+
+
+def test_loading_a_checkpoint_downloads_nothing(shapes, tmp_path, monkeypatch):
+    """A run that started from ImageNet weights stores pretrained_backbone=true in its config;
+    evaluating it (on a dataset, --detect, --explain, the tutorials' loader), --init-from and
+    --resume build the model from that config and must not download them again: with the
+    downloaders failing, all of them work. Only a new run asks for the ImageNet weights."""
+    import urllib.error
+
+    import torchvision.models._api
+
+    sys.path.insert(0, str(ROOT / "tutorial"))
+    import common
+    import evaluate
+
+    asked = []
+
+    def imagenet(url, *args, **kwargs):   # stands in for the ImageNet file: a ResNet-18 of random weights
+        asked.append(url)
+        return torchvision.models.resnet18().state_dict()
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", imagenet)
+    run = tmp_path / "run"
+    train.main([*map(str, TINY), "--shapes-dir", str(shapes), "--output-dir", str(run), "--epochs", "1",
+                "--pretrained-backbone"])
+    assert len(asked) == 1 and asked[0].endswith(".pth")
+    checkpoint = run / "checkpoint.pth"
+    assert torch.load(checkpoint, weights_only=True)["config"]["pretrained_backbone"] is True
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError(f"no network: {url} was asked for")
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    photo = tmp_path / "photo.png"
+    data.shapes_example(1, "val", size=64, min_side=12, max_side=30)[0].save(photo)
+    evaluate.main(["--weights", str(checkpoint), "--num-workers", "0", "--output", str(tmp_path / "evaluated")])
+    evaluate.main(["--weights", str(checkpoint), "--detect", str(photo), "--output", str(tmp_path / "detected")])
+    evaluate.main(["--weights", str(checkpoint), "--explain", str(photo), "--compare", str(checkpoint),
+                   "--output", str(tmp_path / "explained")])
+    model, _, names = common.load(str(checkpoint))
+    assert names == {1: "rectangle", 2: "ellipse", 3: "triangle"}
+    train.main(["--init-from", str(checkpoint), "--shapes-dir", str(shapes), "--output-dir", str(tmp_path / "tuned"),
+                "--epochs", "1", "--num-workers", "0"])
+    train.main(["--resume", str(checkpoint), "--epochs", "2"])
+    assert len(asked) == 1
+    assert [json.loads(line)["epoch"] for line in (run / "log.jsonl").read_text().splitlines()] == [1, 2]
+    for folder, made in (("evaluated", "metrics.json"), ("detected", "photo.png"), ("explained", "photo.png.html"),
+                         ("tuned", "checkpoint.pth")):
+        assert (tmp_path / folder / made).exists(), (folder, made)
