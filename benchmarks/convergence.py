@@ -36,6 +36,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 import cdetr  # noqa: E402
+import data  # noqa: E402
 
 BASELINES = ("detr-offset", "detr")     # Table 4: without the conditional spatial query; without s too
 DECODERS = ("conditional", *BASELINES)
@@ -167,12 +168,22 @@ def plot(curves: dict, path: Path):
     fig.savefig(path, dpi=110)
 
 
+def baseline_epochs(text: str) -> tuple[str, int]:
+    """argparse type of --baseline-epochs: NAME=N, a baseline and its epochs."""
+    name, _, count = text.partition("=")
+    if name not in BASELINES or not count.isdigit() or int(count) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=N with NAME one of {', '.join(BASELINES)} and N at "
+                                         f"least 1, e.g. detr-offset=14")
+    return name, int(count)
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = data.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2], help="seeds of the conditional runs")
     parser.add_argument("--baseline-seeds", type=int, nargs="+", default=[42], help="seeds of the baselines' runs")
     parser.add_argument("--epochs", type=int, help="epochs of the conditional runs (default: the tiny preset's 14)")
-    parser.add_argument("--baseline-epochs", nargs="+", default=["detr-offset=30", "detr=40"], metavar="NAME=N",
+    parser.add_argument("--baseline-epochs", nargs="+", type=baseline_epochs, metavar="NAME=N",
+                        default=[("detr-offset", 30), ("detr", 40)],
                         help="epochs of each baseline (default: detr-offset=30 detr=40)")
     parser.add_argument("--subset", type=int, help="train on the first N shapes images only")
     parser.add_argument("--runs-dir", default="runs/convergence", help="train.py output folders go here")
@@ -186,7 +197,7 @@ def main():
     extra = [a for a in args.train_args if a != "--"]
     tiny = cdetr.preset("tiny")
     epochs = {"conditional": args.epochs or tiny.epochs,
-              **{name: int(n) for name, _, n in (item.partition("=") for item in args.baseline_epochs)}}
+              **dict(args.baseline_epochs)}
     seeds = {"conditional": args.seeds, **{d: args.baseline_seeds for d in BASELINES}}
     committed = json.loads(RESULTS.read_text()) if args.reuse_committed and RESULTS.exists() else {}
 
@@ -240,4 +251,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with data.report_input_errors():
+        main()

@@ -37,6 +37,7 @@ import torchvision
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 import cdetr  # noqa: E402
+import data  # noqa: E402
 from evaluate import compiled  # noqa: E402
 
 # setting: (preset, batch, height, width, training step?)
@@ -193,7 +194,7 @@ def time_rounds(impls: dict[str, Implementation], training: bool, rounds: int, i
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = data.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", action="store_true",
                         help="bfloat16 autocast for every implementation (a GPU, or a CPU with AVX512-BF16 or AMX)")
@@ -208,6 +209,10 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--output", default=str(HERE / "results" / "speed.json"))
     args = parser.parse_args()
+    for flag, folder, needs in (("official", args.official, "main.py"), ("baseline", args.baseline, "cdetr.py")):
+        if folder and not (Path(folder) / needs).is_file():
+            parser.error(f"--{flag} {folder}: no {needs} there; give a checkout of "
+                         + ("github.com/Atten4Vis/ConditionalDETR" if flag == "official" else "this repository"))
     device = torch.device(args.device)
 
     rows = []
@@ -249,4 +254,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with data.report_input_errors():
+        main()

@@ -71,8 +71,12 @@ def use_student_code(m):
             super().__init__()
             self.cfg = cfg
 
-        def forward(self, outputs: dict, targets: list[dict]) -> dict:
-            return m.set_loss(outputs, targets, self.cfg)
+        def forward(self, outputs: dict, targets: list[dict], num_boxes: float | None = None) -> dict:
+            """cdetr.SetCriterion's call: train.py passes the boxes of the whole optimizer step
+            (cdetr.box_normaliser); the student's loss divides by this batch's own, so rescale."""
+            losses = m.set_loss(outputs, targets, self.cfg)
+            own = max(float(sum(len(t["labels"]) for t in targets)), 1.0)
+            return {k: v * (own / num_boxes) for k, v in losses.items()} if num_boxes else losses
 
     class StudentPostProcess(torch.nn.Module):
         def forward(self, outputs: dict, target_sizes: torch.Tensor) -> list[dict]:
@@ -96,14 +100,16 @@ def main():
     args = parser.parse_args()
     name = "reference" if args.reference else Path(args.module).stem
     if not args.reference:
-        path = module_path(args.module)
+        try:
+            path = module_path(args.module)
+        except FileNotFoundError as e:
+            raise cdetr.InputError(f"--module {e}") from None
         spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         use_student_code(module)
     out = data.unused_dir(ROOT / "runs" / f"capstone-{name}")
-    with data.report_input_errors():
-        train.main([*TRAIN_ARGS, "--shapes-dir", str(ROOT / "data" / "shapes"), "--output-dir", str(out)])
+    train.main([*TRAIN_ARGS, "--shapes-dir", str(ROOT / "data" / "shapes"), "--output-dir", str(out)])
     runs = {f"{name} (this run)": read_log(out)}
     if args.reference:
         shutil.copyfile(out / "log.jsonl", REFERENCE_LOG)
@@ -124,4 +130,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with data.report_input_errors():
+        main()

@@ -1,0 +1,111 @@
+"""The docs and the code stay together: every command in a ```bash block of the READMEs parses
+with the script's own argument parser, and every script they name stops with one line when its
+input is missing (a command a reader copies is a sentence too)."""
+
+import argparse
+import re
+import runpy
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ["README.md", "tutorial/README.md", "tutorial/exercises/README.md", "benchmarks/README.md",
+        *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
+
+
+def documented_commands() -> list[tuple[str, Path, Path, list[str]]]:
+    """(doc, working folder, script, arguments) of every `python SCRIPT.py ...` and `torchrun ...
+    SCRIPT.py ...` in the docs' bash blocks; `cd` lines move the working folder, and a
+    `bash -c '...'` is read inside. Other commands (pip, pytest, git, python -c) are not scripts."""
+    found = []
+    for doc in DOCS:
+        if not (ROOT / doc).exists():
+            continue
+        for block in re.findall(r"```bash\n(.*?)```", (ROOT / doc).read_text(), re.S):
+            cwd = ROOT
+            for line in block.replace("\\\n", " ").splitlines():
+                words = shlex.split(line, comments=True)
+                if words[:1] == ["cd"]:
+                    cwd = (cwd / words[1]).resolve()
+                    continue
+                inner = next((w for w in words if w.startswith("torchrun ")), None)   # srun ... bash -c '...'
+                words = shlex.split(inner, comments=True) if inner else words
+                while words and re.fullmatch(r"[A-Z_]+=.*", words[0]):         # VARIABLE=value python ...
+                    words = words[1:]
+                if words[:1] not in (["python"], ["torchrun"]):
+                    continue
+                script = next((i for i, w in enumerate(words) if w.endswith(".py")), None)
+                if script is not None and not words[1].startswith(("-m", "-c")):
+                    found.append((doc, cwd, cwd / words[script], words[script + 1:]))
+    return found
+
+
+COMMANDS = documented_commands()
+
+
+class Parsed(Exception):
+    """Raised in place of running a script once its parser has accepted the arguments."""
+
+
+def run_script(script: Path, argv: list[str], cwd: Path, monkeypatch, parse_only: bool):
+    """Run `script` in this process as `python script argv` run from `cwd` would; with parse_only,
+    stop as soon as its argparse parser has read the arguments."""
+    monkeypatch.chdir(cwd)
+    monkeypatch.syspath_prepend(str(script.parent))
+    monkeypatch.setattr(sys, "argv", [str(script), *argv])
+    if parse_only:
+        original = argparse.ArgumentParser.parse_args
+
+        def parse_args(self, args=None, namespace=None):
+            raise Parsed(original(self, args, namespace))
+        monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_args)
+    runpy.run_path(str(script), run_name="__main__")
+
+
+def test_the_docs_show_commands_of_every_kind():
+    scripts = {str(script.relative_to(ROOT)) for _, _, script, _ in COMMANDS}
+    assert {"train.py", "evaluate.py", "data.py", "benchmarks/convergence.py", "tutorial/export_checkpoint.py",
+            "tutorial/exercises/capstone.py"} <= scripts, scripts
+    assert any(argv and "torchrun" not in argv for _, _, _, argv in COMMANDS)
+
+
+@pytest.mark.parametrize("doc, cwd, script, argv", COMMANDS,
+                         ids=[f"{doc}: {script.name} {' '.join(argv)}"[:90] for doc, _, script, argv in COMMANDS])
+def test_every_documented_command_parses(doc, cwd, script, argv, monkeypatch):
+    assert script.is_file(), f"{doc} runs {script}, which does not exist"
+    with pytest.raises(Parsed):
+        run_script(script, argv, cwd, monkeypatch, parse_only=True)
+
+
+# Each documented script with an input, run with that input missing (no download, no data).
+MISSING_INPUT = {
+    "train.py": ["--coco-path", "no/such/folder"],
+    "evaluate.py": ["--weights", "r50", "--detect", "no_such_photo.jpg"],
+    "data.py": ["check", "no/such/folder"],
+    "tutorial/export_checkpoint.py": ["no/such/best.pth", "out.pth"],
+    "tutorial/exercises/capstone.py": ["--module", "no_such_file.py"],
+    "benchmarks/speed.py": ["--official", "no/such/checkout"],
+    "benchmarks/convergence.py": ["--baseline-epochs", "14"],
+}
+# Documented scripts that read nothing the user gives: they make their own data.
+NO_INPUT = {"benchmarks/ablations.py", "benchmarks/levers.py", "benchmarks/profile_step.py",
+            "benchmarks/memory.py", "benchmarks/finetune.py", "benchmarks/experiment_logs.py",
+            "tutorial/exercises/make_autograder.py"}
+
+
+def test_every_documented_script_is_checked_for_a_missing_input():
+    scripts = {str(script.relative_to(ROOT)) for _, _, script, _ in COMMANDS}
+    assert scripts - NO_INPUT <= set(MISSING_INPUT), scripts - NO_INPUT - set(MISSING_INPUT)
+
+
+@pytest.mark.parametrize("script", sorted(MISSING_INPUT))
+def test_a_missing_input_is_one_line(script, tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        run_script(ROOT / script, MISSING_INPUT[script], tmp_path, monkeypatch, parse_only=False)
+    assert stopped.value.code in (1, 2)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "no" in lines[0], lines
+    assert list(tmp_path.iterdir()) == []          # nothing written, nothing downloaded
