@@ -165,6 +165,10 @@ PRESETS = {
     "r101": dict(backbone="resnet101"),
     "r101-dc5": dict(backbone="resnet101", dilation=True, batch_size=1),
 }
+# The paper's models: a new run of one starts from ImageNet weights; each has official COCO weights.
+PAPER_PRESETS = ("r50", "r50-dc5", "r101", "r101-dc5")
+# [ours] The setting that trains a paper preset's backbone without ImageNet weights (no network).
+FROM_SCRATCH = "--set pretrained_backbone=false train_backbone=all frozen_batchnorm=false"
 
 
 def preset(name: str, **overrides) -> Config:
@@ -182,11 +186,11 @@ def preset(name: str, **overrides) -> Config:
 class Backbone(nn.Module):
     """ResNet trunk. forward(images (B, 3, H, W), mask (B, H, W) True on padding)
     -> features (B, num_channels, h, w), feature mask (B, h, w) True on padding.
-    Built with random weights: `load_imagenet_weights` is the one place that downloads."""
+    Built with random weights: `load_imagenet_weights`, at the end of this file, is the one
+    place that downloads."""
 
     def __init__(self, cfg: Config):
         super().__init__()
-        self.cfg = cfg
         resnet = torchvision.models.get_model(
             cfg.backbone, weights=None, norm_layer=FrozenBatchNorm2d if cfg.frozen_batchnorm else nn.BatchNorm2d,
             replace_stride_with_dilation=[False, False, cfg.dilation])
@@ -202,53 +206,11 @@ class Backbone(nn.Module):
         # (benchmarks/levers.py; untimed on GPUs, where it is the usual advice for convolutions)
         self.body.to(memory_format=torch.channels_last)
 
-    @torch.no_grad()
-    def load_imagenet_weights(self):
-        """[ours] Copy torchvision's ImageNet weights into the trunk (downloaded once into torch's
-        cache): what a new run of the paper's presets starts from. Only train.py calls this, for a
-        new run; a model built to load a checkpoint into never downloads. IMAGENET1K_V1 are the
-        weights torchvision's old `pretrained=True` gave, which the official code trained from.
-        The RNG draws are those of building the ResNet with these weights (they are copied after
-        the random initialisation), so the rest of the model initialises the same either way."""
-        weights = torchvision.models.get_model_weights(self.cfg.backbone).IMAGENET1K_V1
-        try:
-            imagenet = weights.get_state_dict(progress=False, check_hash=True)
-        except OSError as e:   # no network, or the download broke off
-            raise WeightsError(f"the ImageNet weights of {self.cfg.backbone} could not be downloaded from "
-                               f"{weights.url} ({type(e).__name__}: {e}); with no network, train from scratch "
-                               f"instead: --set pretrained_backbone=false train_backbone=all "
-                               f"frozen_batchnorm=false") from None
-        own = self.body.state_dict()
-        self.body.load_state_dict({k: v for k, v in imagenet.items() if k in own}, strict=False)
-        missing = [k for k in own if k not in imagenet and not k.endswith("num_batches_tracked")]
-        if missing:
-            raise WeightsError(f"the ImageNet weights of {self.cfg.backbone} lack {missing[0]}")
-
     def forward(self, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         features = self.body(images.contiguous(memory_format=torch.channels_last))["features"]
         # [ours] nearest-neighbour resize of the padding mask, as the official code does
         mask = F.interpolate(mask[None].float(), size=features.shape[-2:])[0].bool()
         return features, mask
-
-
-@torch.no_grad()
-def fold_batchnorm(module: nn.Module) -> nn.Module:
-    """[ours] For inference: every BatchNorm (frozen, or in eval mode) that directly follows a
-    convolution is folded into it, conv(x) * scale + shift = conv'(x), and becomes Identity:
-    the same function up to float rounding, without a pass over the activations per BatchNorm.
-    Changes `module` in place and returns it; its state_dict no longer fits a checkpoint."""
-    previous = None
-    for name, child in list(module.named_children()):
-        if (isinstance(child, (FrozenBatchNorm2d, nn.BatchNorm2d)) and not child.training
-                and isinstance(previous, nn.Conv2d)):
-            previous.weight, previous.bias = fuse_conv_bn_weights(
-                previous.weight, previous.bias, child.running_mean, child.running_var, child.eps, child.weight,
-                child.bias)
-            setattr(module, name, nn.Identity())
-        else:
-            fold_batchnorm(child)
-        previous = child
-    return module
 
 
 # ----------------------------------------------------------------------------------------
@@ -675,29 +637,6 @@ class ConditionalDETR(nn.Module):
         return out
 
 
-@torch.no_grad()
-def cross_attention_maps(model: ConditionalDETR, images: Tensor, mask: Tensor, layer: int | None = -1) -> dict:
-    """For paper Figures 1 and 4: the decoder's cross-attention weights, softmaxed over the
-    image, for one layer (`layer`) or for all (None). Returns {"content", "spatial",
-    "combined"}: each (B, nh, Q, h, w), or (L, B, nh, Q, h, w) for all layers, with "spatial" =
-    softmax(p_q · p_k), "content" = softmax(c_q · c_k) and "combined" the weights the layer
-    really used; plus "outputs", the model's output dict. In the first decoder layer of the
-    conditional decoder c_q and c_k include o_q's projection and p_k (§3.5), so its "content"
-    map holds those terms too; from the second layer on it is content alone."""
-    features, feature_mask = model.backbone(images, mask.bool())
-    out = model.forward_features(features, feature_mask, return_attention=True)
-    h, w = feature_mask.shape[-2:]
-    padding = feature_mask.flatten(1)[:, None, None, :]                      # (B, 1, 1, HW)
-    layers = out.pop("attention")
-    maps = {}
-    for name in layers[0]:
-        logits = torch.stack([a[name] for a in layers]) if layer is None else layers[layer][name]  # ([L,] B, nh, Q, HW)
-        weights = logits.masked_fill(padding, float("-inf")).softmax(-1)
-        maps[name] = weights.unflatten(-1, (h, w))                           # ([L,] B, nh, Q, h, w)
-    maps["outputs"] = out
-    return maps
-
-
 # ----------------------------------------------------------------------------------------
 # Training: Hungarian matching and the set loss.
 # ----------------------------------------------------------------------------------------
@@ -864,9 +803,78 @@ class PostProcess(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------
-# Published weights: our checkpoints, the official model zoo, Hugging Face hub files.
-# [ours] Not the method: the machinery that lets the method start from trained weights.
+# [ours] Beyond the method (skip on a first reading): a faster inference, the attention maps
+# the pictures draw, and weights from elsewhere: ImageNet for the backbone, our checkpoints,
+# the official model zoo and Hugging Face hub files.
 # ----------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def fold_batchnorm(module: nn.Module) -> nn.Module:
+    """[ours] For inference: every BatchNorm (frozen, or in eval mode) that directly follows a
+    convolution is folded into it, conv(x) * scale + shift = conv'(x), and becomes Identity:
+    the same function up to float rounding, without a pass over the activations per BatchNorm.
+    Changes `module` in place and returns it; its state_dict no longer fits a checkpoint."""
+    previous = None
+    for name, child in list(module.named_children()):
+        if (isinstance(child, (FrozenBatchNorm2d, nn.BatchNorm2d)) and not child.training
+                and isinstance(previous, nn.Conv2d)):
+            previous.weight, previous.bias = fuse_conv_bn_weights(
+                previous.weight, previous.bias, child.running_mean, child.running_var, child.eps, child.weight,
+                child.bias)
+            setattr(module, name, nn.Identity())
+        else:
+            fold_batchnorm(child)
+        previous = child
+    return module
+
+
+@torch.no_grad()
+def cross_attention_maps(model: ConditionalDETR, images: Tensor, mask: Tensor, layer: int | None = -1) -> dict:
+    """For paper Figures 1 and 4: the decoder's cross-attention weights, softmaxed over the
+    image, for one layer (`layer`) or for all (None). Returns {"content", "spatial",
+    "combined"}: each (B, nh, Q, h, w), or (L, B, nh, Q, h, w) for all layers, with "spatial" =
+    softmax(p_q · p_k), "content" = softmax(c_q · c_k) and "combined" the weights the layer
+    really used; plus "outputs", the model's output dict. In the first decoder layer of the
+    conditional decoder c_q and c_k include o_q's projection and p_k (§3.5), so its "content"
+    map holds those terms too; from the second layer on it is content alone."""
+    features, feature_mask = model.backbone(images, mask.bool())
+    out = model.forward_features(features, feature_mask, return_attention=True)
+    h, w = feature_mask.shape[-2:]
+    padding = feature_mask.flatten(1)[:, None, None, :]                      # (B, 1, 1, HW)
+    layers = out.pop("attention")
+    maps = {}
+    for name in layers[0]:
+        logits = torch.stack([a[name] for a in layers]) if layer is None else layers[layer][name]  # ([L,] B, nh, Q, HW)
+        weights = logits.masked_fill(padding, float("-inf")).softmax(-1)
+        maps[name] = weights.unflatten(-1, (h, w))                           # ([L,] B, nh, Q, h, w)
+    maps["outputs"] = out
+    return maps
+
+
+@torch.no_grad()
+def load_imagenet_weights(model: nn.Module):
+    """[ours] Copy torchvision's ImageNet weights into the backbone of `model` (a ConditionalDETR),
+    downloaded once into torch's cache: what a new run of the paper's presets starts from. Only
+    train.py calls this, for a new run; a model built to load a checkpoint into never downloads.
+    IMAGENET1K_V1 are the weights torchvision's old `pretrained=True` gave, which the official
+    code trained from. They are copied after the random initialisation, which draws what building
+    the ResNet with these weights draws, so the rest of the model initialises the same either way."""
+    weights = torchvision.models.get_model_weights(model.cfg.backbone).IMAGENET1K_V1
+    try:
+        imagenet = weights.get_state_dict(progress=False, check_hash=True)
+    except OSError as e:   # no network, or the download broke off
+        raise WeightsError(f"the ImageNet weights of {model.cfg.backbone} could not be downloaded from "
+                           f"{weights.url} ({type(e).__name__}: {e}); with no network, train from scratch "
+                           f"instead: {FROM_SCRATCH}") from None
+    body = model.backbone.body
+    own = body.state_dict()
+    body.load_state_dict({k: v for k, v in imagenet.items() if k in own}, strict=False)
+    missing = [k for k in own if k not in imagenet and not k.endswith("num_batches_tracked")]
+    if missing:
+        raise WeightsError(f"the ImageNet weights of {model.cfg.backbone} lack {missing[0]}")
+
+
 
 
 
@@ -933,7 +941,7 @@ def convert_hf_state_dict(hf: dict[str, Tensor]) -> dict[str, Tensor]:
 
 MODEL_ZOO = {name: "https://github.com/DeppMeng/ConditionalDETR/releases/download/v1.0/"
                    f"ConditionalDETR_{name.replace('-', '')}_epoch50.pth"
-             for name in ("r50", "r50-dc5", "r101", "r101-dc5")}      # official, COCO, 50 epochs
+             for name in PAPER_PRESETS}                                 # official, COCO, 50 epochs
 HF_HUB_URL = "https://huggingface.co/{repo}/resolve/main/model.safetensors"
 
 

@@ -1,5 +1,6 @@
-"""Data for cdetr: COCO-format datasets, the paper's augmentations, a built-in synthetic
-"shapes" dataset that trains on a laptop CPU, and the file handling the scripts share.
+"""Data for cdetr: the paper's augmentations, COCO-format datasets and batches (read this part
+first), then safe readers of images and COCO files, and tools: the data doctor, pictures of
+boxes and the built-in synthetic "shapes" dataset that trains on a laptop CPU.
 
     python data.py shapes --out data/shapes      # write the synthetic set in COCO layout
     python data.py check data/my_coco            # what train.py would make of a dataset
@@ -18,7 +19,6 @@ import io
 import json
 import math
 import random
-import sys
 import time
 import warnings
 from collections import Counter
@@ -41,8 +41,10 @@ class DatasetError(cdetr.InputError):
 
 
 # ----------------------------------------------------------------------------------------
-# Augmentations: the paper's (DETR's) recipe, scaled by image_size / 800.
+# The pipeline: the paper's augmentations (scaled by image_size / 800), the dataset, batches.
+# This is what a student reads; the files are read by the safe readers further down.
 # ----------------------------------------------------------------------------------------
+
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -130,204 +132,6 @@ def make_transforms(train: bool, image_size: int = 800, max_size: int = 0) -> v2
     crop_then_resize = v2.Compose([RandomResize(scaled([400, 500, 600])),
                                    RandomSizeCrop(*scaled([384, 600])), multi_scale])
     return v2.Compose([v2.RandomHorizontalFlip(), v2.RandomChoice([multi_scale, crop_then_resize])] + finish)
-
-
-# ----------------------------------------------------------------------------------------
-# COCO-format datasets
-# ----------------------------------------------------------------------------------------
-
-
-# COCO's 80 categories at their ids (1..90 with gaps): what the 91 logits of the official and
-# Hugging Face COCO models mean.
-COCO_NAMES = dict(zip(
-    [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31, 32, 33, 34,
-     35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63,
-     64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90],
-    ["person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-     "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
-     "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
-     "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
-     "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
-     "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
-     "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard",
-     "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
-     "teddy bear", "hair drier", "toothbrush"], strict=True))
-
-
-EXIF_ORIENTATION = 0x0112     # 1 as stored; 2-8 mirrored and/or rotated; 5-8 swap width and height
-
-
-def to_rgb(image: Image.Image, path: str | Path = "the image") -> Image.Image:
-    """`image` as 8-bit RGB, as a person sees it: turned by its EXIF orientation (phone photos
-    are often stored sideways; a picture already turned is left alone). [ours] Pillow's convert("RGB") clips 16- and
-    32-bit grayscale at 255 (a white picture) and floats to 0 or 1 (black), so: integer images
-    (I;16*, I) are scaled from 16 bits, 0..65535 (values beyond that are refused); float
-    images (F) from [0, 1] (others refused); transparent pixels (RGBA, LA, PA, a palette or
-    grayscale with transparency) are laid onto the ImageNet mean colour, what padding becomes
-    after normalization; every other mode (L, 1, P, CMYK, YCbCr, LAB, HSV, ...) through Pillow.
-    DatasetError naming the file for an image it cannot convert."""
-    image = ImageOps.exif_transpose(image)
-    mode = image.mode
-    if mode.startswith("I") or mode == "F":
-        values = np.asarray(image, dtype=np.float64)
-        low, high, scale = (0.0, 1.0, 255.0) if mode == "F" else (0.0, 65535.0, 255.0 / 65535.0)
-        if values.size and not (values.min() >= low and values.max() <= high):
-            raise DatasetError(f"{path}: {mode} image with values {values.min():g} to {values.max():g}; expected "
-                               f"{low:g} to {high:g} ({'floats in [0, 1]' if mode == 'F' else 'at most 16 bits'}): "
-                               f"save it with 8 or 16 bits per channel")
-        return Image.fromarray(np.round(values * scale).astype(np.uint8), "L").convert("RGB")
-    if "A" in mode or "a" in mode or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", image.size, tuple(round(255 * m) for m in IMAGENET_MEAN) + (255,))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    try:
-        return image.convert("RGB")
-    except ValueError as e:
-        raise DatasetError(f"{path}: image mode {mode} cannot be converted to RGB ({e})") from None
-
-
-def read_image(path: str | Path, expected_size: tuple[int, int] | None = None, header_only: bool = False,
-               annotation_file: str | Path = "the annotations") -> Image.Image:
-    """The image file as a person sees it: turned by its EXIF orientation (phone photos are
-    often stored sideways), as 8-bit RGB (to_rgb). With expected_size (width, height), another
-    displayed size is an error, one that matches the stored size of a turned photo named as an
-    EXIF question. header_only: only open the file and check its size (fast, for data checks);
-    the image returned is then not decoded (its getexif() still answers). DatasetError naming
-    the file when it is missing, unreadable or of another size."""
-    try:
-        with Image.open(path) as image:
-            orientation = image.getexif().get(EXIF_ORIENTATION, 1)
-            width, height = image.size
-            displayed = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
-            if expected_size is not None and displayed != tuple(expected_size):
-                said = f"{Path(annotation_file).name} says {expected_size[0]}x{expected_size[1]}"
-                if tuple(expected_size) == (width, height):
-                    raise DatasetError(
-                        f"{path}: stored {width}x{height} but shown {displayed[0]}x{displayed[1]} (EXIF orientation "
-                        f"{orientation}: a turned photo), and {said}, the stored size; this project reads images "
-                        f"as shown: if the boxes were drawn on the shown picture, set its size to {displayed[0]}x"
-                        f"{displayed[1]}; if on the stored one, save the image without its EXIF orientation")
-                raise DatasetError(f"{path}: image is {displayed[0]}x{displayed[1]} but {said}")
-            if header_only:
-                return image
-            return to_rgb(image, path)
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: no such file") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        detail = type(e).__name__ + ("" if str(path) in str(e) else f": {e}")
-        raise DatasetError(f"{path}: cannot read image ({detail})") from None
-
-
-def coco_paths(root: str | Path, split: str) -> tuple[Path, Path]:
-    """The COCO layout: root/{split}2017/ and root/annotations/instances_{split}2017.json."""
-    root = Path(root)
-    return root / f"{split}2017", root / "annotations" / f"instances_{split}2017.json"
-
-
-def repair_for_pycocotools(dataset: dict) -> list[str]:
-    """Make a valid COCO detection dict safe for pycocotools, in place, and say what changed.
-    pycocotools keys annotations by "id" and uses id 0 as its "unmatched" marker, so ids that
-    start at 0, repeat, or are missing give wrong AP without a word: they are renumbered 1..N
-    (in file order). "area" (used for the small/medium/large ranges) and "iscrowd", optional in
-    many exports, are filled in from the box and as 0; a category without a "name" is named
-    "class <id>" (detections and AP tables print names). Returns one phrase per repair."""
-    annotations = dataset.get("annotations", [])
-    repairs = []
-    unnamed = [c for c in dataset.get("categories", []) if not isinstance(c.get("name"), str) or not c["name"]]
-    for c in unnamed:
-        c["name"] = f"class {c['id']}"
-    if unnamed:
-        repairs.append(f"{len(unnamed)} categories without a name named 'class <id>' ({unnamed[0]['name']}, ...)")
-    ids = [a.get("id") for a in annotations]
-    unusable = any(not isinstance(i, int) or isinstance(i, bool) or i <= 0 for i in ids)
-    if unusable or len(set(ids)) != len(ids):
-        why = ("one is 0, pycocotools' 'unmatched' marker" if 0 in ids else
-               "some missing or not positive whole numbers" if unusable else "some repeated")
-        for n, a in enumerate(annotations, 1):
-            a["id"] = n
-        repairs.append(f"annotation ids renumbered 1..{len(annotations)} ({why})")
-    for field, value, what in (("area", lambda a: a["bbox"][2] * a["bbox"][3], "filled in from the box"),
-                               ("iscrowd", lambda a: 0, "set to 0")):
-        missing = [a for a in annotations if field not in a]
-        usable = [a for a in missing if field != "area" or (isinstance(a.get("bbox"), list) and len(a["bbox"]) == 4
-                                                            and all(isinstance(v, (int, float)) for v in a["bbox"]))]
-        for a in usable:
-            a[field] = value(a)
-        if usable:
-            repairs.append(f"'{field}' {what} for {len(usable)} annotations")
-    return repairs
-
-
-def load_coco(annotation_file: str | Path, quiet: bool = False) -> COCO:
-    """The annotation file, parsed, repaired for pycocotools (repair_for_pycocotools; one
-    warning line says what was repaired, unless quiet) and indexed; the repairs are kept as
-    coco.repairs. DatasetError naming the file when it is missing, not json, not COCO's
-    detection layout (every image with "id", "file_name", "width" and "height"), or holds an
-    image or category id twice (which no renumbering can repair: the annotations point to them)."""
-    annotation_file = Path(annotation_file)
-    if not annotation_file.is_file():
-        raise DatasetError(f"{annotation_file}: annotation file not found (expected COCO-format json)")
-    try:
-        dataset = json.loads(annotation_file.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{annotation_file}: not valid json ({e})") from None
-    try:
-        for kind in ("images", "categories"):
-            times = Counter(item["id"] for item in dataset[kind])
-            repeated = sorted((i for i, n in times.items() if n > 1), key=str)
-            if repeated:
-                raise DatasetError(f"{annotation_file}: {kind[:-1]} id {repeated[0]} is listed {times[repeated[0]]} "
-                                   f"times in '{kind}'; each id must be unique")
-        repairs = repair_for_pycocotools(dataset)
-        coco = COCO()
-        coco.dataset = dataset
-        with contextlib.redirect_stdout(io.StringIO()):   # pycocotools prints progress
-            coco.createIndex()
-    except (KeyError, TypeError, AssertionError, AttributeError) as e:
-        raise DatasetError(f"{annotation_file}: not a COCO detection file (needs 'images', "
-                           f"'annotations' and 'categories'; failed on {e!r})") from None
-    for image_id, info in coco.imgs.items():
-        if not (isinstance(info.get("file_name"), str) and all(isinstance(info.get(k), int) and info[k] > 0
-                                                                for k in ("width", "height"))):
-            raise DatasetError(f"{annotation_file}: image {image_id} needs 'file_name' and positive integer "
-                               f"'width' and 'height' (found {json.dumps(info)[:120]})")
-    coco.repairs = repairs
-    if repairs and not quiet:
-        print(f"warning: {annotation_file}: repaired for COCO evaluation: {'; '.join(repairs)}")
-    return coco
-
-
-def clean_annotations(coco: COCO, image_id: int, annotation_file: str | Path) -> tuple[np.ndarray, np.ndarray, Counter]:
-    """What training uses of one image's annotations: boxes (M, 4) absolute (x0, y0, x1, y1)
-    clipped to the image and labels (M,) (category ids), with a count of what happened to the
-    rest: "crowd" (left out, as in the official code), "clipped" (spilled past the image edge),
-    "no area" (zero or negative size, or outside the image: dropped). A malformed annotation
-    (a bbox that is not four numbers, a category id missing from 'categories') is a
-    DatasetError naming it."""
-    info, counts, boxes, labels = coco.imgs[image_id], Counter(), [], []
-    anns = coco.imgToAnns.get(image_id, [])
-    unknown = {a.get("category_id") for a in anns} - set(coco.cats)
-    if unknown:
-        raise DatasetError(f"{annotation_file}: image {image_id} uses category ids {sorted(unknown, key=str)} "
-                           f"missing from 'categories'")
-    for a in anns:
-        bbox = a.get("bbox")
-        if not (isinstance(bbox, list) and len(bbox) == 4 and
-                all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)):
-            raise DatasetError(f"{annotation_file}: annotation {a.get('id')} of image {image_id} has bbox "
-                               f"{json.dumps(bbox)[:80]}; expected [x, y, width, height], four numbers")
-        if a.get("iscrowd", 0):
-            counts["crowd"] += 1
-            continue
-        x, y, w, h = bbox
-        box = [max(x, 0), max(y, 0), min(x + w, info["width"]), min(y + h, info["height"])]
-        if box[2] <= box[0] or box[3] <= box[1]:
-            counts["no area"] += 1
-            continue
-        counts["clipped"] += box != [x, y, x + w, y + h]
-        boxes.append(box)
-        labels.append(a["category_id"])
-    return np.array(boxes, dtype=np.float32).reshape(-1, 4), np.array(labels, dtype=np.int64), counts
 
 
 class CocoDetection(torch.utils.data.Dataset):
@@ -451,8 +255,190 @@ def prepare(images: list[Image.Image], image_size: int = 800, max_size: int = 0)
     return batch, mask
 
 
+def coco_paths(root: str | Path, split: str) -> tuple[Path, Path]:
+    """The COCO layout: root/{split}2017/ and root/annotations/instances_{split}2017.json."""
+    root = Path(root)
+    return root / f"{split}2017", root / "annotations" / f"instances_{split}2017.json"
+
+
 # ----------------------------------------------------------------------------------------
-# Pictures of boxes, for people
+# Reading files safely (skip on a first reading): images as a person sees them (EXIF,
+# 16-bit, float, transparency), and COCO files repaired for pycocotools or refused.
+# ----------------------------------------------------------------------------------------
+
+
+EXIF_ORIENTATION = 0x0112     # 1 as stored; 2-8 mirrored and/or rotated; 5-8 swap width and height
+
+
+def to_rgb(image: Image.Image, path: str | Path = "the image") -> Image.Image:
+    """`image` as 8-bit RGB, as a person sees it: turned by its EXIF orientation (phone photos
+    are often stored sideways; a picture already turned is left alone). [ours] Pillow's convert("RGB") clips 16- and
+    32-bit grayscale at 255 (a white picture) and floats to 0 or 1 (black), so: integer images
+    (I;16*, I) are scaled from 16 bits, 0..65535 (values beyond that are refused); float
+    images (F) from [0, 1] (others refused); transparent pixels (RGBA, LA, PA, a palette or
+    grayscale with transparency) are laid onto the ImageNet mean colour, what padding becomes
+    after normalization; every other mode (L, 1, P, CMYK, YCbCr, LAB, HSV, ...) through Pillow.
+    DatasetError naming the file for an image it cannot convert."""
+    image = ImageOps.exif_transpose(image)
+    mode = image.mode
+    if mode.startswith("I") or mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        low, high, scale = (0.0, 1.0, 255.0) if mode == "F" else (0.0, 65535.0, 255.0 / 65535.0)
+        if values.size and not (values.min() >= low and values.max() <= high):
+            raise DatasetError(f"{path}: {mode} image with values {values.min():g} to {values.max():g}; expected "
+                               f"{low:g} to {high:g} ({'floats in [0, 1]' if mode == 'F' else 'at most 16 bits'}): "
+                               f"save it with 8 or 16 bits per channel")
+        return Image.fromarray(np.round(values * scale).astype(np.uint8), "L").convert("RGB")
+    if "A" in mode or "a" in mode or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, tuple(round(255 * m) for m in IMAGENET_MEAN) + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    try:
+        return image.convert("RGB")
+    except ValueError as e:
+        raise DatasetError(f"{path}: image mode {mode} cannot be converted to RGB ({e})") from None
+
+
+def read_image(path: str | Path, expected_size: tuple[int, int] | None = None, header_only: bool = False,
+               annotation_file: str | Path = "the annotations") -> Image.Image:
+    """The image file as a person sees it: turned by its EXIF orientation (phone photos are
+    often stored sideways), as 8-bit RGB (to_rgb). With expected_size (width, height), another
+    displayed size is an error, one that matches the stored size of a turned photo named as an
+    EXIF question. header_only: only open the file and check its size (fast, for data checks);
+    the image returned is then not decoded (its getexif() still answers). DatasetError naming
+    the file when it is missing, unreadable or of another size."""
+    try:
+        with Image.open(path) as image:
+            orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+            width, height = image.size
+            displayed = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+            if expected_size is not None and displayed != tuple(expected_size):
+                said = f"{Path(annotation_file).name} says {expected_size[0]}x{expected_size[1]}"
+                if tuple(expected_size) == (width, height):
+                    raise DatasetError(
+                        f"{path}: stored {width}x{height} but shown {displayed[0]}x{displayed[1]} (EXIF orientation "
+                        f"{orientation}: a turned photo), and {said}, the stored size; this project reads images "
+                        f"as shown: if the boxes were drawn on the shown picture, set its size to {displayed[0]}x"
+                        f"{displayed[1]}; if on the stored one, save the image without its EXIF orientation")
+                raise DatasetError(f"{path}: image is {displayed[0]}x{displayed[1]} but {said}")
+            if header_only:
+                return image
+            return to_rgb(image, path)
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: no such file") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        detail = type(e).__name__ + ("" if str(path) in str(e) else f": {e}")
+        raise DatasetError(f"{path}: cannot read image ({detail})") from None
+
+
+def repair_for_pycocotools(dataset: dict) -> list[str]:
+    """Make a valid COCO detection dict safe for pycocotools, in place, and say what changed.
+    pycocotools keys annotations by "id" and uses id 0 as its "unmatched" marker, so ids that
+    start at 0, repeat, or are missing give wrong AP without a word: they are renumbered 1..N
+    (in file order). "area" (used for the small/medium/large ranges) and "iscrowd", optional in
+    many exports, are filled in from the box and as 0; a category without a "name" is named
+    "class <id>" (detections and AP tables print names). Returns one phrase per repair."""
+    annotations = dataset.get("annotations", [])
+    repairs = []
+    unnamed = [c for c in dataset.get("categories", []) if not isinstance(c.get("name"), str) or not c["name"]]
+    for c in unnamed:
+        c["name"] = f"class {c['id']}"
+    if unnamed:
+        repairs.append(f"{len(unnamed)} categories without a name named 'class <id>' ({unnamed[0]['name']}, ...)")
+    ids = [a.get("id") for a in annotations]
+    unusable = any(not isinstance(i, int) or isinstance(i, bool) or i <= 0 for i in ids)
+    if unusable or len(set(ids)) != len(ids):
+        why = ("one is 0, pycocotools' 'unmatched' marker" if 0 in ids else
+               "some missing or not positive whole numbers" if unusable else "some repeated")
+        for n, a in enumerate(annotations, 1):
+            a["id"] = n
+        repairs.append(f"annotation ids renumbered 1..{len(annotations)} ({why})")
+    for field, value, what in (("area", lambda a: a["bbox"][2] * a["bbox"][3], "filled in from the box"),
+                               ("iscrowd", lambda a: 0, "set to 0")):
+        missing = [a for a in annotations if field not in a]
+        usable = [a for a in missing if field != "area" or (isinstance(a.get("bbox"), list) and len(a["bbox"]) == 4
+                                                            and all(isinstance(v, (int, float)) for v in a["bbox"]))]
+        for a in usable:
+            a[field] = value(a)
+        if usable:
+            repairs.append(f"'{field}' {what} for {len(usable)} annotations")
+    return repairs
+
+
+def load_coco(annotation_file: str | Path, quiet: bool = False) -> COCO:
+    """The annotation file, parsed, repaired for pycocotools (repair_for_pycocotools; one
+    warning line says what was repaired, unless quiet) and indexed; the repairs are kept as
+    coco.repairs. DatasetError naming the file when it is missing, not json, not COCO's
+    detection layout (every image with "id", "file_name", "width" and "height"), or holds an
+    image or category id twice (which no renumbering can repair: the annotations point to them)."""
+    annotation_file = Path(annotation_file)
+    if not annotation_file.is_file():
+        raise DatasetError(f"{annotation_file}: annotation file not found (expected COCO-format json)")
+    try:
+        dataset = json.loads(annotation_file.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{annotation_file}: not valid json ({e})") from None
+    try:
+        for kind in ("images", "categories"):
+            times = Counter(item["id"] for item in dataset[kind])
+            repeated = sorted((i for i, n in times.items() if n > 1), key=str)
+            if repeated:
+                raise DatasetError(f"{annotation_file}: {kind[:-1]} id {repeated[0]} is listed {times[repeated[0]]} "
+                                   f"times in '{kind}'; each id must be unique")
+        repairs = repair_for_pycocotools(dataset)
+        coco = COCO()
+        coco.dataset = dataset
+        with contextlib.redirect_stdout(io.StringIO()):   # pycocotools prints progress
+            coco.createIndex()
+    except (KeyError, TypeError, AssertionError, AttributeError) as e:
+        raise DatasetError(f"{annotation_file}: not a COCO detection file (needs 'images', "
+                           f"'annotations' and 'categories'; failed on {e!r})") from None
+    for image_id, info in coco.imgs.items():
+        if not (isinstance(info.get("file_name"), str) and all(isinstance(info.get(k), int) and info[k] > 0
+                                                                for k in ("width", "height"))):
+            raise DatasetError(f"{annotation_file}: image {image_id} needs 'file_name' and positive integer "
+                               f"'width' and 'height' (found {json.dumps(info)[:120]})")
+    coco.repairs = repairs
+    if repairs and not quiet:
+        print(f"warning: {annotation_file}: repaired for COCO evaluation: {'; '.join(repairs)}")
+    return coco
+
+
+def clean_annotations(coco: COCO, image_id: int, annotation_file: str | Path) -> tuple[np.ndarray, np.ndarray, Counter]:
+    """What training uses of one image's annotations: boxes (M, 4) absolute (x0, y0, x1, y1)
+    clipped to the image and labels (M,) (category ids), with a count of what happened to the
+    rest: "crowd" (left out, as in the official code), "clipped" (spilled past the image edge),
+    "no area" (zero or negative size, or outside the image: dropped). A malformed annotation
+    (a bbox that is not four numbers, a category id missing from 'categories') is a
+    DatasetError naming it."""
+    info, counts, boxes, labels = coco.imgs[image_id], Counter(), [], []
+    anns = coco.imgToAnns.get(image_id, [])
+    unknown = {a.get("category_id") for a in anns} - set(coco.cats)
+    if unknown:
+        raise DatasetError(f"{annotation_file}: image {image_id} uses category ids {sorted(unknown, key=str)} "
+                           f"missing from 'categories'")
+    for a in anns:
+        bbox = a.get("bbox")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and
+                all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)):
+            raise DatasetError(f"{annotation_file}: annotation {a.get('id')} of image {image_id} has bbox "
+                               f"{json.dumps(bbox)[:80]}; expected [x, y, width, height], four numbers")
+        if a.get("iscrowd", 0):
+            counts["crowd"] += 1
+            continue
+        x, y, w, h = bbox
+        box = [max(x, 0), max(y, 0), min(x + w, info["width"]), min(y + h, info["height"])]
+        if box[2] <= box[0] or box[3] <= box[1]:
+            counts["no area"] += 1
+            continue
+        counts["clipped"] += box != [x, y, x + w, y + h]
+        boxes.append(box)
+        labels.append(a["category_id"])
+    return np.array(boxes, dtype=np.float32).reshape(-1, 4), np.array(labels, dtype=np.int64), counts
+
+
+# ----------------------------------------------------------------------------------------
+# Tools: pictures of boxes, the data doctor, the built-in synthetic dataset, the command line.
 # ----------------------------------------------------------------------------------------
 
 
@@ -489,12 +475,6 @@ def side_by_side(left: Image.Image, right: Image.Image, gap: int = 8) -> Image.I
     canvas.paste(left, (0, 0))
     canvas.paste(right, (left.width + gap, 0))
     return canvas
-
-
-
-# ----------------------------------------------------------------------------------------
-# The data doctor: what train.py would make of a dataset, before training on it.
-# ----------------------------------------------------------------------------------------
 
 
 def category_disagreements(used: dict[int, str], used_from: str, other: dict[int, str], other_from: str) -> list[str]:
@@ -605,10 +585,7 @@ def check_dataset(images_dir: str | Path, annotation_file: str | Path, draw: int
     return report, names
 
 
-# ----------------------------------------------------------------------------------------
 # The built-in synthetic dataset: filled shapes on a textured, noisy, colourful background.
-# ----------------------------------------------------------------------------------------
-
 SHAPES = ("rectangle", "ellipse", "triangle")     # category ids 1, 2, 3
 # The second synthetic task (classes="colours", for fine-tuning): the same kind of scenes, but
 # the category is the fill colour, with ids that are not 1..N.
@@ -724,67 +701,17 @@ def ensure_shapes_dataset(out: str | Path, **kwargs) -> Path:
     return Path(out)
 
 
-# ----------------------------------------------------------------------------------------
-# What the command-line scripts share: one-line errors, argument checks, output folders.
-# ----------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def report_input_errors():
-    """For the command-line scripts: a mistake in the input (cdetr.InputError, also when a
-    data-loading worker raised it) ends the program with one line "error: ..." and exit
-    status 1, Ctrl-C with "interrupted" and status 130; every other exception is a bug and
-    keeps its traceback."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        sys.exit(130)
-    except cdetr.InputError as e:
-        message = str(e)
-        if "\nOriginal Traceback" in message:   # re-raised by a DataLoader worker: its last line is ours
-            message = message.strip().splitlines()[-1].split(": ", 1)[-1]
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2 if isinstance(e, UsageError) else 1)
-
-
-class UsageError(cdetr.InputError):
-    """A mistake in the command line itself; exit status 2, as argparse's."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse for the scripts here: a usage mistake is one line, like every other error."""
-
-    def error(self, message):
-        raise UsageError(f"{message}; see {self.prog} --help")
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer of at least 1."""
-    if not text.lstrip("-").isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
-    return int(text)
-
-
-def unused_dir(path: str | Path) -> Path:
-    """`path` if it does not exist yet, else the first free `path-2`, `path-3`, ..."""
-    path, n = Path(path), 2
-    candidate = path
-    while candidate.exists():
-        candidate, n = path.with_name(f"{path.name}-{n}"), n + 1
-    return candidate
-
-
 def main():
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    import runs   # the command line's one-line errors (runs.py imports this file, so not at the top)
+    parser = runs.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     shapes = sub.add_parser("shapes", help="write the synthetic shapes dataset in COCO layout")
     shapes.add_argument("--out", default="data/shapes", help="output folder (default: data/shapes)")
-    shapes.add_argument("--train", type=positive_int, default=2000, help="number of training images")
-    shapes.add_argument("--val", type=positive_int, default=300, help="number of validation images")
-    shapes.add_argument("--size", type=positive_int, default=128, help="image side in pixels")
-    shapes.add_argument("--min-side", type=positive_int, default=16, help="smallest shape side in pixels")
-    shapes.add_argument("--max-side", type=positive_int, default=56, help="largest shape side in pixels")
+    shapes.add_argument("--train", type=runs.positive_int, default=2000, help="number of training images")
+    shapes.add_argument("--val", type=runs.positive_int, default=300, help="number of validation images")
+    shapes.add_argument("--size", type=runs.positive_int, default=128, help="image side in pixels")
+    shapes.add_argument("--min-side", type=runs.positive_int, default=16, help="smallest shape side in pixels")
+    shapes.add_argument("--max-side", type=runs.positive_int, default=56, help="largest shape side in pixels")
     shapes.add_argument("--seed", type=int, default=0, help="random seed (same seed, same dataset)")
     shapes.add_argument("--classes", choices=["shapes", "colours"], default="shapes",
                         help="what the category is: the shape (ids 1-3) or the fill colour (ids 10, 20, 30, 40)")
@@ -813,7 +740,7 @@ def main():
     else:
         parser.error("check takes a COCO-layout folder, an image folder and its annotation json, or the training "
                      "images and json followed by the validation images and json")
-    out = Path(args.out) if args.out else unused_dir("runs/check")
+    out = Path(args.out) if args.out else runs.unused_dir("runs/check")
     training = None
     for split, (images_dir, annotation_file) in splits.items():
         report, names = check_dataset(images_dir, annotation_file, args.draw, out / split, training)
@@ -823,5 +750,6 @@ def main():
 
 
 if __name__ == "__main__":
-    with report_input_errors():
+    import runs
+    with runs.report_input_errors():
         main()

@@ -34,6 +34,7 @@ from torchvision.ops import box_convert, box_iou
 
 import cdetr
 import data
+import runs
 
 # The 12 numbers COCOeval.summarize() prints, in its order.
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -183,6 +184,22 @@ def detect(model: cdetr.ConditionalDETR, files: list[Path], names: dict[int, str
     return detections
 
 
+# COCO's 80 categories at their ids (1..90 with gaps): what the 91 logits of the official and
+# Hugging Face COCO models mean.
+COCO_NAMES = dict(zip(
+    [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31, 32, 33, 34,
+     35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63,
+     64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90],
+    ["person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+     "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+     "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+     "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+     "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+     "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+     "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard",
+     "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
+     "teddy bear", "hair drier", "toothbrush"], strict=True))
+
 EXPLAIN_PAGE = Path(__file__).resolve().parent / "assets" / "explain.html"
 EXPLAIN_KINDS = ("spatial", "content", "combined")   # the order of the maps in a page
 EXPLAIN_MAX_DETECTIONS = 20
@@ -284,12 +301,12 @@ def load_model(source: str, preset: str | None) -> tuple[cdetr.ConditionalDETR, 
     except cdetr.WeightsError as e:
         built = "its config" if pretrained.config else f"--preset {preset or 'r50'}"
         raise cdetr.WeightsError(f"{source}: {e} (the model was built from {built})") from None
-    names = pretrained.category_names or (data.COCO_NAMES if cfg.num_classes == 91 else {})
+    names = pretrained.category_names or (COCO_NAMES if cfg.num_classes == 91 else {})
     return cdetr.fold_batchnorm(model.eval()), pretrained, names
 
 
 def main(argv=None):
-    parser = data.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = runs.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", "--checkpoint", "--official-checkpoint", required=True, metavar="SOURCE",
                         help="a checkpoint of train.py, an official or Hugging Face file, a model-zoo name (r50, "
                              "r50-dc5, r101, r101-dc5) or a Hugging Face repo id (--checkpoint and "
@@ -307,16 +324,16 @@ def main(argv=None):
     parser.add_argument("--coco-path", help="COCO-layout folder; val2017 is evaluated")
     parser.add_argument("--images", help="image folder of a COCO-format dataset (with --annotations)")
     parser.add_argument("--annotations", help="COCO-format annotation json (with --images)")
-    parser.add_argument("--image-size", type=data.positive_int, help="shorter side at test time (default: the model's, 800 for COCO)")
-    parser.add_argument("--max-size", type=data.positive_int,
+    parser.add_argument("--image-size", type=runs.positive_int, help="shorter side at test time (default: the model's, 800 for COCO)")
+    parser.add_argument("--max-size", type=runs.positive_int,
                         help="longer side at most this at test time (default: the model's, 1333 for COCO)")
-    parser.add_argument("--subset", type=data.positive_int, help="evaluate the first N images only")
+    parser.add_argument("--subset", type=runs.positive_int, help="evaluate the first N images only")
     parser.add_argument("--output", help="folder for detections.json and pictures "
                                          "(default: runs/detect or runs/evaluate, numbered if it exists)")
     parser.add_argument("--visualize", type=int, default=0, metavar="N",
                         help="draw ground truth and detections side by side for N images")
     parser.add_argument("--threshold", type=float, default=0.3, help="score threshold for the pictures and --detect")
-    parser.add_argument("--batch-size", type=data.positive_int,
+    parser.add_argument("--batch-size", type=runs.positive_int,
                         help="images per batch (default: 8, and 1 for DC5 models, which lose AP to padding otherwise)")
     parser.add_argument("--num-workers", type=int, choices=range(0, 65), metavar="N", default=2)
     parser.add_argument("--compile", action="store_true",
@@ -339,7 +356,7 @@ def main(argv=None):
     inputs, mode = (args.detect, "detect") if args.detect else (args.explain, "explain")
     if inputs:   # checked before the weights are loaded (or downloaded)
         files = image_files(inputs)
-        out_dir = Path(args.output) if args.output else data.unused_dir(f"runs/{mode}")
+        out_dir = Path(args.output) if args.output else runs.unused_dir(f"runs/{mode}")
         holding = next((f.parent for f in files if f.parent.resolve() == out_dir.resolve()), None)
         if holding is not None:
             written = "pictures would be written over them" if mode == "detect" else "pages would be written among them"
@@ -402,7 +419,7 @@ def main(argv=None):
     detections = predict(compiled(model) if args.compile else model, loader, device, args.amp)
     metrics = coco_metrics(dataset.coco, detections, dataset.ids)
 
-    out_dir = Path(args.output) if args.output else data.unused_dir("runs/evaluate")
+    out_dir = Path(args.output) if args.output else runs.unused_dir("runs/evaluate")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "detections.json").write_text(json.dumps(detections))
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
@@ -414,5 +431,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    with data.report_input_errors():
+    with runs.report_input_errors():
         main()

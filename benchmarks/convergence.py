@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 import cdetr  # noqa: E402
-import data  # noqa: E402
+import runs  # noqa: E402
 
 BASELINES = ("detr-offset", "detr")     # Table 4: without the conditional spatial query; without s too
 DECODERS = ("conditional", *BASELINES)
@@ -178,7 +178,7 @@ def baseline_epochs(text: str) -> tuple[str, int]:
 
 
 def main():
-    parser = data.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = runs.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2], help="seeds of the conditional runs")
     parser.add_argument("--baseline-seeds", type=int, nargs="+", default=[42], help="seeds of the baselines' runs")
     parser.add_argument("--epochs", type=int, help="epochs of the conditional runs (default: the tiny preset's 14)")
@@ -201,7 +201,7 @@ def main():
     seeds = {"conditional": args.seeds, **{d: args.baseline_seeds for d in BASELINES}}
     committed = json.loads(RESULTS.read_text()) if args.reuse_committed and RESULTS.exists() else {}
 
-    runs, start = {d: {} for d in DECODERS}, time.time()
+    logs, start = {d: {} for d in DECODERS}, time.time()
     for decoder in DECODERS:
         # the preset's own schedule is left alone for the conditional runs (seed 42: `python train.py`)
         schedule = ([] if epochs[decoder] == tiny.epochs else
@@ -209,15 +209,15 @@ def main():
         for seed in seeds[decoder]:
             kept = committed.get("runs", {}).get(decoder, {}).get(str(seed))
             if kept and len(kept) == epochs[decoder] and committed.get("subset") == args.subset:
-                runs[decoder][seed] = kept
+                logs[decoder][seed] = kept
                 continue
-            runs[decoder][seed] = train_run(
+            logs[decoder][seed] = train_run(
                 Path(args.runs_dir) / f"{decoder}-seed{seed}-{epochs[decoder]}ep",
                 ["--decoder", decoder, "--seed", str(seed), *schedule,
                  *(["--subset", str(args.subset)] if args.subset else []), *extra],
                 epochs[decoder], args.reuse, start)
 
-    curves = {d: {m: [[r.get(m, 0.0) for r in runs[d][s]] for s in seeds[d]] for m in ("AP", "train_loss")}
+    curves = {d: {m: [[r.get(m, 0.0) for r in logs[d][s]] for s in seeds[d]] for m in ("AP", "train_loss")}
               for d in DECODERS}
     ap_rows = [ratio_row(level, {d: curves[d]["AP"] for d in DECODERS}) for level in AP_LEVELS]
     # loss levels: where the DETR-style baseline stands after a quarter, half and all of its epochs
@@ -232,10 +232,10 @@ def main():
     keep = ("epoch", "AP", "AP50", "AP75", "train_loss", "epoch_time", "eval_time")
     (results_dir / "convergence.json").write_text(json.dumps(
         {"epochs": epochs, "seeds": {d: seeds[d] for d in DECODERS}, "subset": args.subset, "train_args": extra,
-         "run_seconds": {d: {str(s): round(sum(r.get("epoch_time", 0) + r.get("eval_time", 0) for r in runs[d][s]))
+         "run_seconds": {d: {str(s): round(sum(r.get("epoch_time", 0) + r.get("eval_time", 0) for r in logs[d][s]))
                              for s in seeds[d]} for d in DECODERS},
          "ap_table": ap_rows, "loss_table": loss_rows,
-         "runs": {d: {str(s): [{k: r.get(k) for k in keep} for r in runs[d][s]] for s in seeds[d]} for d in DECODERS}},
+         "runs": {d: {str(s): [{k: r.get(k) for k in keep} for r in logs[d][s]] for s in seeds[d]} for d in DECODERS}},
         indent=1))
     plot(curves, results_dir / "convergence.png")
 
@@ -251,5 +251,5 @@ def main():
 
 
 if __name__ == "__main__":
-    with data.report_input_errors():
+    with runs.report_input_errors():
         main()

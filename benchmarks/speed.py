@@ -37,7 +37,7 @@ import torchvision
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 import cdetr  # noqa: E402
-import data  # noqa: E402
+import runs  # noqa: E402
 from evaluate import compiled  # noqa: E402
 
 # setting: (preset, batch, height, width, training step?)
@@ -194,7 +194,7 @@ def time_rounds(impls: dict[str, Implementation], training: bool, rounds: int, i
 
 
 def main():
-    parser = data.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = runs.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", action="store_true",
                         help="bfloat16 autocast for every implementation (a GPU, or a CPU with AVX512-BF16 or AMX)")
@@ -254,5 +254,5 @@ def main():
 
 
 if __name__ == "__main__":
-    with data.report_input_errors():
+    with runs.report_input_errors():
         main()

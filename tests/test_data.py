@@ -15,6 +15,7 @@ from torchvision.transforms import v2
 
 import cdetr
 import data
+import runs
 
 
 def boxes_xyxy(values, size):
@@ -138,8 +139,8 @@ def test_max_size_caps_the_longer_side_in_training_validation_and_prepare():
     assert tuple(data.make_transforms(False, 64, 80)(image, target())[0].shape[-2:]) == (40, 80)
     assert tuple(data.prepare([image], 64, 80)[0].shape[-2:]) == (40, 80)
     assert data.longest_side(64) == 107 and data.longest_side(64, 80) == 80
-    cfg = train.make_config(train.parse_args(["--max-size", "80"]), cdetr.preset("tiny"))
-    assert cfg.max_size == 80 and "max_size" in train.CONFIG_FLAGS
+    cfg = runs.make_config(train.parse_args(["--max-size", "80"]), cdetr.preset("tiny"))
+    assert cfg.max_size == 80 and "max_size" in runs.CONFIG_FLAGS
     with pytest.raises(cdetr.ConfigError, match="max_size"):
         cdetr.preset("tiny", max_size=-1)
 

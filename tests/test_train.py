@@ -17,6 +17,7 @@ from pycocotools.coco import COCO
 
 import cdetr
 import data
+import runs
 import train
 from test_pretrained import to_official_names
 
@@ -96,7 +97,7 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(shapes, tmp_path):
 
 def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pth"
-    train.save_atomically(path, lambda tmp: torch.save({"epoch": 1}, tmp))
+    runs.save_atomically(path, lambda tmp: torch.save({"epoch": 1}, tmp))
 
     def crash_midway(obj, f):
         Path(f).write_bytes(b"half a checkpoint")
@@ -104,7 +105,7 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypat
 
     monkeypatch.setattr(torch, "save", crash_midway)
     with pytest.raises(KeyboardInterrupt):
-        train.save_atomically(path, lambda tmp: torch.save({"epoch": 2}, tmp))
+        runs.save_atomically(path, lambda tmp: torch.save({"epoch": 2}, tmp))
     assert torch.load(path)["epoch"] == 1
 
 
@@ -114,13 +115,13 @@ TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2")
 EVALUATION_PROBE = """
 import os, sys, torch
 sys.path.insert(0, {root!r})
-import data, train
+import data, runs, train
 predict = train.predict
 def recording_predict(model, *args):
     torch.save(model.state_dict(), os.path.join({out!r}, "evaluated_by_rank" + os.environ["RANK"] + ".pt"))
     return predict(model, *args)
 train.predict = recording_predict
-with data.report_input_errors(), train.one_report_for_all_processes():
+with runs.report_input_errors(), runs.one_report_for_all_processes():
     train.main()
 """
 
@@ -193,7 +194,7 @@ def test_torchrun_an_error_in_any_process_is_reported_once(shapes, tmp_path):
 STEP_PROBE = """
 import os, sys, torch
 sys.path.insert(0, {root!r})
-import data, train
+import data, runs, train
 build_dataset = data.build_dataset
 data.build_dataset = lambda *args, train=False, **kwargs: build_dataset(*args, train=False, **kwargs)
 clip = torch.nn.utils.clip_grad_norm_
@@ -203,7 +204,7 @@ def recording_clip(parameters, *args, **kwargs):
         torch.save([p.grad for p in parameters], {out!r})
     return clip(parameters, *args, **kwargs)
 torch.nn.utils.clip_grad_norm_ = recording_clip
-with data.report_input_errors(), train.one_report_for_all_processes():
+with runs.report_input_errors(), runs.one_report_for_all_processes():
     train.main()
 """
 
@@ -218,13 +219,13 @@ def test_one_step_of_4_images_is_the_same_however_it_is_split(shapes, tmp_path):
     start = tmp_path / "start.pth"
     torch.save({"model": cdetr.ConditionalDETR(cfg).state_dict(), "config": asdict(cfg),
                 "category_names": {1: "rectangle", 2: "ellipse", 3: "triangle"}}, start)
-    runs = {"one process, batch 4": ((), ["--batch-size", "4"]),
+    ways = {"one process, batch 4": ((), ["--batch-size", "4"]),
             "two processes, batch 2": ((*TORCHRUN, "--master_port=29581"), ["--batch-size", "2"]),
             "batch 2, accumulated twice": ((), ["--batch-size", "2", "--gradient-accumulation-steps", "2"]),
             "two processes, batch 1 accumulated twice": ((*TORCHRUN, "--master_port=29582"),
                                                          ["--batch-size", "1", "--gradient-accumulation-steps", "2"])}
     grads, weights = {}, {}
-    for k, (name, (launcher, flags)) in enumerate(runs.items()):
+    for k, (name, (launcher, flags)) in enumerate(ways.items()):
         probe = tmp_path / f"probe{k}.py"
         probe.write_text(STEP_PROBE.format(root=str(ROOT), out=str(tmp_path / f"grads{k}.pt")))
         out = tmp_path / f"run{k}"
@@ -451,9 +452,9 @@ def test_a_full_disk_is_one_line_and_loses_nothing(tmp_path, monkeypatch):
     path, log, curves = tmp_path / "checkpoint.pth", tmp_path / "log.jsonl", tmp_path / "curves.png"
     history = [{"epoch": 1, "train_loss": 2.0, "train_loss_ce": 1.0, "train_loss_bbox": 0.5, "train_loss_giou": 0.5,
                 "AP": 0.1, "AP50": 0.2, "AP75": 0.05}]
-    train.save_atomically(path, lambda tmp: torch.save({"epoch": 1}, tmp))
-    train.save_atomically(log, lambda tmp: tmp.write_text(json.dumps(history[0]) + "\n"))
-    train.save_atomically(curves, lambda tmp: train.plot_curves(history, tmp))
+    runs.save_atomically(path, lambda tmp: torch.save({"epoch": 1}, tmp))
+    runs.save_atomically(log, lambda tmp: tmp.write_text(json.dumps(history[0]) + "\n"))
+    runs.save_atomically(curves, lambda tmp: runs.plot_curves(history, tmp))
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     assert before["curves.png"].startswith(b"\x89PNG")
 
@@ -465,21 +466,21 @@ def test_a_full_disk_is_one_line_and_loses_nothing(tmp_path, monkeypatch):
         open(self, "w").write(text[:5])
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(train.torch, "save", disk_fills_up)
+    monkeypatch.setattr(runs.torch, "save", disk_fills_up)
     with pytest.raises(cdetr.InputError, match=r"checkpoint.pth: writing failed .*No space left.*the previous "
                                                r"checkpoint.pth is intact"):
-        train.save_atomically(path, lambda tmp: torch.save({"epoch": 2}, tmp))
+        runs.save_atomically(path, lambda tmp: torch.save({"epoch": 2}, tmp))
     monkeypatch.setattr(Path, "write_text", text_fills_up)
     with pytest.raises(cdetr.InputError, match=r"log.jsonl: writing failed \(OSError: .*No space left.*intact"):
-        train.save_atomically(log, lambda tmp: tmp.write_text("two epochs\n" * 2))
+        runs.save_atomically(log, lambda tmp: tmp.write_text("two epochs\n" * 2))
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, file, **options: text_fills_up(file, "PNG"))
     with pytest.raises(cdetr.InputError, match=r"curves.png: writing failed .*No space left.*intact"):
-        train.save_atomically(curves, lambda tmp: train.plot_curves(history * 2, tmp))
+        runs.save_atomically(curves, lambda tmp: runs.plot_curves(history * 2, tmp))
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     monkeypatch.undo()
-    monkeypatch.setattr(train.shutil, "disk_usage", lambda folder: type("usage", (), {"free": 10_000})())
+    monkeypatch.setattr(runs.shutil, "disk_usage", lambda folder: type("usage", (), {"free": 10_000})())
     with pytest.raises(cdetr.InputError, match=r"0 MB free on its disk, but a checkpoint of this model needs about"):
-        train.check_output_folder(tmp_path / "run", torch.nn.Linear(100, 100))
+        runs.check_output_folder(tmp_path / "run", torch.nn.Linear(100, 100))
 
 
 def test_compile_pads_every_batch_to_few_shapes_and_compiles_training_and_evaluation(shapes, tmp_path, monkeypatch):

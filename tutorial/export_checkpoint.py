@@ -13,11 +13,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import cdetr  # noqa: E402
-import data  # noqa: E402
+import runs  # noqa: E402
 
 
 def main(argv=None):
-    parser = data.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = runs.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="a checkpoint of train.py (checkpoint.pth or best.pth)")
     parser.add_argument("target", help="the file to write; an existing one is refused")
     args = parser.parse_args(argv)
@@ -37,5 +37,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    with data.report_input_errors():
+    with runs.report_input_errors():
         main()

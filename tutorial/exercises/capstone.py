@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 sys.path.insert(0, str(ROOT))
 import cdetr  # noqa: E402
-import data  # noqa: E402
+import runs  # noqa: E402
 import train  # noqa: E402
 from check import module_path  # noqa: E402
 from plot_runs import last_layer_loss, plot, read_log  # noqa: E402
@@ -108,19 +108,19 @@ def main():
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         use_student_code(module)
-    out = data.unused_dir(ROOT / "runs" / f"capstone-{name}")
+    out = runs.unused_dir(ROOT / "runs" / f"capstone-{name}")
     train.main([*TRAIN_ARGS, "--shapes-dir", str(ROOT / "data" / "shapes"), "--output-dir", str(out)])
-    runs = {f"{name} (this run)": read_log(out)}
+    logs = {f"{name} (this run)": read_log(out)}
     if args.reference:
         shutil.copyfile(out / "log.jsonl", REFERENCE_LOG)
     else:
-        runs["reference (cdetr.py)"] = read_log(REFERENCE_LOG)
-    plot(runs, {}, out / "capstone.png")
-    for label, run in runs.items():
+        logs["reference (cdetr.py)"] = read_log(REFERENCE_LOG)
+    plot(logs, {}, out / "capstone.png")
+    for label, run in logs.items():
         print(f"{label:24} AP per epoch: " + " ".join(f"{r['AP']:.3f}" for r in run) +
               "; training loss of the last layer: " + " ".join(f"{last_layer_loss(r):.3f}" for r in run))
     if not args.reference:
-        mine, reference = ([last_layer_loss(r) for r in run] for run in runs.values())
+        mine, reference = ([last_layer_loss(r) for r in run] for run in logs.values())
         worst = max(abs(a - b) / b for a, b in zip(mine, reference))
         print(f"largest difference of the last layer's loss from the reference run: {100 * worst:.1f}% " + (
             f"(within the {100 * DRIFT:.0f}% by which correct answers drift through float rounding: your code trains "
@@ -130,5 +130,5 @@ def main():
 
 
 if __name__ == "__main__":
-    with data.report_input_errors():
+    with runs.report_input_errors():
         main()

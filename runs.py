@@ -1,0 +1,554 @@
+"""Running train.py: output folders, atomic files, resume, torchrun, one-line errors.
+
+Skip this file on a first reading: nothing in it is the method (cdetr.py), the data pipeline
+(data.py) or the training loop (train.py). It is what lets the loop run on real machines and
+real mistakes:
+    - the command line: one-line errors for every mistake in the input (`report_input_errors`);
+    - torchrun: one process per GPU, and one report when any of them stops;
+    - a run's folder: a new, numbered one for each run, never overwriting another;
+    - --resume and --init-from: reading the file, which flags and which config win, the checks
+      that a resumed run never rewinds; every process's random state, so resume is exact;
+    - start-up checks: what can be known before the first step is checked before it;
+    - each epoch's log line, curves.png and checkpoints, written atomically; Ctrl-C.
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, fields, replace
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import cdetr
+import data
+
+# ----------------------------------------------------------------------------------------
+# The command line: every script's mistakes are one line.
+# ----------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def report_input_errors():
+    """For the command-line scripts: a mistake in the input (cdetr.InputError, also when a
+    data-loading worker raised it) ends the program with one line "error: ..." and exit
+    status 1, Ctrl-C with "interrupted" and status 130; every other exception is a bug and
+    keeps its traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
+    except cdetr.InputError as e:
+        message = str(e)
+        if "\nOriginal Traceback" in message:   # re-raised by a DataLoader worker: its last line is ours
+            message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, UsageError) else 1)
+
+
+class UsageError(cdetr.InputError):
+    """A mistake in the command line itself; exit status 2, as argparse's."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the scripts here: a usage mistake is one line, like every other error."""
+
+    def error(self, message):
+        raise UsageError(f"{message}; see {self.prog} --help")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    if not text.lstrip("-").isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return int(text)
+
+
+def unused_dir(path: str | Path) -> Path:
+    """`path` if it does not exist yet, else the first free `path-2`, `path-3`, ..."""
+    path, n = Path(path), 2
+    candidate = path
+    while candidate.exists():
+        candidate, n = path.with_name(f"{path.name}-{n}"), n + 1
+    return candidate
+
+
+def given_flags(parser: argparse.ArgumentParser, argv, args: argparse.Namespace) -> list[str]:
+    """Which flags the command line gave (on --resume they win over the run's own). argparse
+    fills in a default only where the namespace has none, so parse again into one holding
+    markers (a list, which "extend" can extend)."""
+    class NotGiven(list):
+        pass
+    seen = parser.parse_args(argv, argparse.Namespace(**{key: NotGiven() for key in vars(args)}))
+    return sorted(key for key, value in vars(seen).items() if not (isinstance(value, NotGiven) and not value))
+
+
+# ----------------------------------------------------------------------------------------
+# torchrun: one process per GPU; whatever stops one of them is reported once.
+# ----------------------------------------------------------------------------------------
+
+
+def init_distributed(args) -> tuple[bool, int, int, torch.device]:
+    """(distributed, rank, world size, device). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE;
+    plain python sets none. NCCL between GPUs, gloo between CPU processes. Also the default
+    --num-workers: 0 on a CPU, where loader processes would compete with the model for cores."""
+    device_name = args.device
+    distributed = "RANK" in os.environ
+    if distributed:
+        dist.init_process_group("nccl" if device_name == "cuda" else "gloo")
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if device_name == "cuda" else device_name)
+    else:
+        rank, world_size, device = 0, 1, torch.device(device_name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise cdetr.ConfigError(f"--device {device_name}: this machine has no CUDA GPU that torch can use (torch "
+                                f"{torch.__version__}); leave --device out to train on the CPU")
+    if args.num_workers is None:
+        args.num_workers = 0 if device.type == "cpu" else 4
+    return distributed, rank, world_size, device
+
+
+@contextlib.contextmanager
+def one_report_for_all_processes():
+    """Under torchrun, whatever stops one process (a bad input, a corrupt image in its shard, a
+    bug) is reported once, by the first process to stop; the others stop without a word, also
+    when what stops them is a collective broken by the first one leaving. Who was first is
+    settled in the launcher's key-value store (MASTER_ADDR:MASTER_PORT), which outlives the
+    processes; where it cannot be reached, every process reports. (torch's own
+    torch.distributed.elastic...errors.record writes the whole traceback into torchrun's error
+    file, which torchrun's summary then prints; this writes the one line.)"""
+    try:
+        yield
+    except BaseException as e:
+        ending_normally = isinstance(e, KeyboardInterrupt) or (isinstance(e, SystemExit) and e.code in (0, 130, None))
+        if "RANK" not in os.environ or ending_normally:
+            raise
+        first = first_to_stop()
+        if os.environ.get("TORCHELASTIC_ERROR_FILE"):   # torchrun's closing summary quotes this instead of a link
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[-1] if first else "stopped: another process failed"
+            Path(os.environ["TORCHELASTIC_ERROR_FILE"]).write_text(json.dumps({"message": {
+                "message": reason, "extraInfo": {"py_callstack": reason, "timestamp": str(int(time.time()))}}}))
+        if first:
+            raise
+        sys.stdout.flush()
+        os._exit(1)   # not sys.exit: the broken process group's clean-up would print its own complaints
+
+
+def first_to_stop() -> bool:
+    """True for the first of this run's processes to call it (see one_report_for_all_processes)."""
+    key = f"cdetr/stopped/{os.environ.get('TORCHELASTIC_RUN_ID')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT')}"
+    try:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=timedelta(seconds=10))
+        return store.add(key, 1) == 1
+    except (KeyError, ValueError, RuntimeError):   # no store to ask: better twice than never
+        return True
+
+
+# ----------------------------------------------------------------------------------------
+# Starting a run: its folder, the file it resumes or starts from, its config, the checks.
+# ----------------------------------------------------------------------------------------
+
+RUN_FILES = ("log.jsonl", "checkpoint.pth", "best.pth")
+# Flags that only choose the config: on --resume the checkpoint's config wins over them.
+CONFIG_FLAGS = ("preset", "decoder", "batch_size", "lr", "lr_backbone", "image_size", "max_size", "set",
+                "pretrained_backbone")
+# On --resume, flags the command line leaves out take the run's values, except these.
+NEVER_RESUMED = ("resume", "init_from", "epochs", "output_dir", "given")
+DATA_FLAGS = ("coco_path", "shapes_dir", "train_images", "train_annotations", "val_images", "val_annotations")
+
+
+@dataclass
+class Run:
+    output_dir: Path
+    checkpoint: dict | None            # --resume: what train.py saved
+    pretrained: cdetr.Pretrained | None  # --init-from: the weights in our names
+    builtin_data: bool                 # the shapes dataset, generated on first use
+
+
+def open_run(args, main_process: bool, distributed: bool) -> Run:
+    """The run's folder; the checkpoint of --resume or the weights of --init-from, read and
+    checked; the run's own flags for those the command line leaves out (--resume); the data
+    paths (--coco-path, or the built-in shapes data); a resume that would rewind refused."""
+    output_dir = [output_folder(args) if main_process else None]
+    if distributed:   # every process writes its messages about the folder the main process chose
+        dist.broadcast_object_list(output_dir, src=0)
+    output_dir = output_dir[0]
+    args.output_dir = str(output_dir)
+    try:
+        checkpoint = cdetr.read_checkpoint(args.resume) if args.resume else None
+        pretrained = cdetr.load_pretrained(args.init_from) if args.init_from else None
+    except cdetr.WeightsError as e:
+        raise cdetr.WeightsError(f"--{'resume' if args.resume else 'init-from'} {e}") from None
+    if checkpoint is not None and not (isinstance(checkpoint, dict) and
+                                       {"model", "optimizer", "config", "rng", "args"} <= set(checkpoint)):
+        raise cdetr.WeightsError(f"--resume {args.resume}: not a checkpoint written by train.py (no optimizer "
+                                 f"state); to start from its weights, use --init-from")
+    if checkpoint:   # a resumed run keeps its data, seed and the rest of its flags unless the command line says
+        new_data = set(args.given) & set(DATA_FLAGS)      # then none of the run's data flags apply
+        for key, value in checkpoint["args"].items():
+            if key in vars(args) and key not in args.given and key not in NEVER_RESUMED and not (
+                    new_data and key in DATA_FLAGS):
+                setattr(args, key, value)
+
+    builtin_data = not (args.coco_path or args.train_images)
+    if args.coco_path or builtin_data:
+        root = args.coco_path or args.shapes_dir
+        (args.train_images, args.train_annotations), (args.val_images, args.val_annotations) = (
+            map(str, data.coco_paths(root, "train")), map(str, data.coco_paths(root, "val")))
+    if not (args.train_annotations and args.val_images and args.val_annotations):
+        raise cdetr.InputError("--train-images: give --coco-path, or all of --train-images --train-annotations "
+                               "--val-images --val-annotations")
+
+    if checkpoint:
+        done = checkpoint["epoch"] + 1
+        latest = output_dir / "checkpoint.pth"
+        if main_process and latest.exists() and latest.resolve() != Path(args.resume).resolve():
+            newer = cdetr.read_checkpoint(latest).get("epoch", -1) + 1
+            if newer > done:
+                raise cdetr.InputError(f"--resume {args.resume}: ends at epoch {done}, but {latest} is at epoch {newer}: "
+                                       f"continuing here would rewind the run and overwrite it; resume {latest}, or "
+                                       f"branch off from epoch {done} into a new folder with --output-dir")
+        if args.epochs is not None and args.epochs < done:
+            raise cdetr.ConfigError(f"--epochs {args.epochs}: {args.resume} has already trained {done} epochs; give "
+                                    f"the new total, at least {done}")
+        warn_about_changed_flags(args, checkpoint["args"])
+    return Run(output_dir, checkpoint, pretrained, builtin_data)
+
+
+def output_folder(args) -> Path:
+    """Where this run writes. --resume continues in the checkpoint's folder unless told
+    otherwise; a fresh run takes --output-dir if it holds no run yet, or else the first unused
+    runs/train, runs/train-2, ...: no run ever overwrites another."""
+    if args.output_dir is None:
+        return Path(args.resume).parent if args.resume else unused_dir("runs/train")
+    folder = Path(args.output_dir)
+    held = [name for name in RUN_FILES if (folder / name).exists()]
+    if held and not (args.resume and folder.resolve() == Path(args.resume).resolve().parent):
+        raise cdetr.InputError(f"--output-dir {folder}: already holds a run ({', '.join(held)}); continue it with "
+                               f"--resume {folder / 'checkpoint.pth'}, or choose a folder that holds none")
+    return folder
+
+
+def warn_about_changed_flags(args, stored: dict):
+    """On --resume: say which flags the command line changed from the run being resumed, and
+    what happens to them."""
+    for key in args.given:
+        value = getattr(args, key)
+        if key not in NEVER_RESUMED and key in stored and value != stored[key]:
+            effect = "ignored: the checkpoint's config is used" if key in CONFIG_FLAGS else "used from now on"
+            print(f"warning: --{key.replace('_', '-')} is {value!r} but was {stored[key]!r} in the run being "
+                  f"resumed ({effect})")
+
+
+def resolve_config(args, run: Run) -> tuple[cdetr.Config, str]:
+    """The run's Config and where it came from: the checkpoint's (--resume, with the new
+    --epochs), or the config of the --init-from weights, or the preset (default: tiny for the
+    built-in data, r50 otherwise), then the flags and --set. A new run of the paper's presets
+    starts from ImageNet weights; a frozen random backbone is refused."""
+    if run.checkpoint:
+        cfg = replace(cdetr.checkpoint_config(run.checkpoint, args.resume),
+                      epochs=args.epochs or run.checkpoint["config"]["epochs"])
+        origin = f"the config of {args.resume}"
+    elif run.pretrained and run.pretrained.config and not args.preset:
+        cfg = make_config(args, run.pretrained.config)     # the architecture the weights were trained with
+        origin = f"the config of {args.init_from}"
+    else:
+        args.preset = args.preset or ("tiny" if run.builtin_data else "r50")
+        base = cdetr.preset(args.preset)
+        if args.preset in cdetr.PAPER_PRESETS:            # the paper's models train from an ImageNet backbone
+            base = replace(base, pretrained_backbone=True)
+        cfg = make_config(args, base)
+        origin = f"preset {args.preset}"
+    if not (run.checkpoint or run.pretrained) and not cfg.pretrained_backbone and (
+            cfg.frozen_batchnorm or cfg.train_backbone != "all"):
+        raise cdetr.ConfigError(
+            f"{origin}: without ImageNet weights (pretrained_backbone=false) the backbone would train around random "
+            f"layers that never change (train_backbone={cfg.train_backbone}) or identity BatchNorm (frozen_batchnorm="
+            f"{cfg.frozen_batchnorm}); use --pretrained-backbone, or train it all from scratch: {cdetr.FROM_SCRATCH}")
+    return cfg, origin
+
+
+def make_config(args, base: cdetr.Config) -> cdetr.Config:
+    """`base` (a preset or the config of --init-from), then the explicit flags, then --set."""
+    overrides = {k: v for k, v in dict(decoder=args.decoder, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                       lr_backbone=args.lr_backbone, image_size=args.image_size,
+                                       max_size=args.max_size).items() if v is not None}
+    if args.pretrained_backbone:
+        overrides["pretrained_backbone"] = True
+    types = {f.name: f.type for f in fields(cdetr.Config)}
+    booleans = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+    for item in args.set:
+        key, equals, value = item.partition("=")
+        if not equals or key not in types:
+            raise cdetr.ConfigError(f"--set {item}: " + ("expected KEY=VALUE" if not equals else
+                                    f"Config has no field {key!r}; the fields are {', '.join(types)}"))
+        try:
+            overrides[key] = booleans[value.lower()] if types[key] is bool else types[key](value)
+        except (KeyError, ValueError):
+            kind = {int: "a whole number", float: "a number", bool: "true or false"}.get(types[key], "text")
+            raise cdetr.ConfigError(f"--set {item}: {key} takes {kind}, not {value!r}") from None
+    return replace(base, **overrides)
+
+
+def seed_everything(seed: int):
+    """Python's, numpy's and torch's generators (the augmentation draws from all three)."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def check_data(args, run: Run, cfg: cdetr.Config, train_set, val_set, world_size: int,
+               main_process: bool) -> cdetr.Config:
+    """The training file, the validation file and the weights mean the same by each category
+    id; there is at least one batch. Returns `cfg` with the data's class count (a new run)."""
+    data.require_same_categories(train_set.category_names, args.train_annotations, val_set.category_names,
+                                 args.val_annotations)
+    checkpoint, pretrained = run.checkpoint, run.pretrained
+    stored = (checkpoint and {int(k): v for k, v in checkpoint.get("category_names", {}).items()}) or (
+        pretrained and pretrained.category_names)
+    if stored:
+        source = args.resume or args.init_from
+        disagree = data.category_disagreements(train_set.category_names, args.train_annotations, stored, source)
+        if disagree and checkpoint:
+            raise data.DatasetError(f"--resume {source}: was trained on other categories than "
+                                    f"{args.train_annotations}: {'; '.join(disagree[:3])}")
+        if disagree and max(stored) + 1 == train_set.num_classes and main_process:
+            print(f"warning: --init-from {source} keeps its class head, whose classes mean something else here: "
+                  f"{'; '.join(disagree[:3])}{' ...' if len(disagree) > 3 else ''}")
+    if len(train_set) < cfg.batch_size * world_size:
+        raise data.DatasetError(f"{args.train_annotations}: {len(train_set)} training images, fewer than one batch of "
+                                f"{cfg.batch_size} x {world_size} process(es), and the last incomplete batch is dropped; "
+                                f"add images or give a --batch-size of at most {max(1, len(train_set) // world_size)}")
+    if not checkpoint and not any(s.startswith("num_classes=") for s in args.set):
+        cfg = replace(cfg, num_classes=train_set.num_classes)
+    args.image_size = cfg.image_size
+    return cfg
+
+
+def load_init_weights(model: torch.nn.Module, args, run: Run, cfg: cdetr.Config, origin: str, main_process: bool):
+    """--init-from: every weight that fits; a class head of another size is re-created."""
+    pretrained = run.pretrained
+    try:
+        new_head = cdetr.load_weights(model, pretrained.state_dict, new_class_head=True)
+    except cdetr.WeightsError as e:
+        raise cdetr.WeightsError(f"--init-from {args.init_from}: {e} (the model was built from {origin} and "
+                                 f"the flags)") from None
+    if main_process:
+        print(f"initialised from {args.init_from} ({pretrained.format})")
+        if new_head:
+            dropped = ", ".join(f"{k} {tuple(pretrained.state_dict[k].shape)}" for k in new_head)
+            print(f"class head: the weights have {pretrained.state_dict[new_head[1]].shape[0]} class logits, "
+                  f"this data needs {cfg.num_classes}: dropped {dropped}; re-initialised with the focal prior")
+
+
+def restore(args, run: Run, model, optimizer, scheduler, rank: int, world_size: int,
+            main_process: bool) -> tuple[int, float]:
+    """--resume: the weights, optimizer, schedule and this process's random state of the
+    checkpoint. Returns (the first epoch to train, the best AP so far); (0, -1) for a new run."""
+    checkpoint = run.checkpoint
+    if not checkpoint:
+        return 0, -1.0
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["lr_scheduler"])
+    saved = checkpoint["rng"] if isinstance(checkpoint["rng"], list) else [checkpoint["rng"]]  # one per process
+    if rank < len(saved):
+        set_rng_states(saved[rank])
+    if len(saved) != world_size and main_process:
+        print(f"warning: {args.resume} was trained by {len(saved)} process(es), this run has {world_size}: the "
+              f"random augmentation will differ from an uninterrupted run")
+    return checkpoint["epoch"] + 1, checkpoint["best_ap"]
+
+
+def start(args, run: Run, model, cfg: cdetr.Config, origin: str, data_and_machine: str):
+    """Main process, before the first step: the folder can be written and has room for the
+    checkpoints; on --resume, log.jsonl keeps each finished epoch once; one line says what
+    will run."""
+    check_output_folder(run.output_dir, model)
+    if run.checkpoint:   # the log holds each finished epoch once: drop lines of an epoch the checkpoint has not
+        source = Path(args.resume).parent / "log.jsonl"
+        done = run.checkpoint["epoch"] + 1
+        kept = [line for line in (source.read_text().splitlines() if source.exists() else [])
+                if line.strip() and json.loads(line)["epoch"] <= done]
+        save_atomically(run.output_dir / "log.jsonl", lambda tmp: tmp.write_text("".join(f"{line}\n" for line in kept)))
+    processes = dist.get_world_size() if dist.is_initialized() else 1
+    print(f"{origin}, decoder {cfg.decoder}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
+          f"{data_and_machine}, {cfg.batch_size * args.gradient_accumulation_steps * processes} images per "
+          f"optimizer step ({cfg.batch_size} x {args.gradient_accumulation_steps} accumulated x {processes})")
+
+
+def check_output_folder(folder: Path, model: torch.nn.Module):
+    """Before any training: the run's folder can be written (tried with a small file), and its
+    disk has room for the checkpoints (the model, Adam's two moments, and the spare copy an
+    atomic write needs while the old file is still there: 2 x 3 x the parameters' bytes)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_bytes(b"0" * 1024)
+        probe.unlink()
+    except OSError as e:
+        raise cdetr.InputError(f"--output-dir {folder}: cannot be written ({type(e).__name__}: {e.strerror or e}); "
+                               f"choose another folder") from None
+    need = 2 * 3 * sum(p.numel() * p.element_size() for p in model.state_dict().values())
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise cdetr.InputError(f"--output-dir {folder}: {free / 1e6:.0f} MB free on its disk, but a checkpoint of "
+                               f"this model needs about {need / 1e6:.0f} MB; free some space or choose another disk")
+
+
+# ----------------------------------------------------------------------------------------
+# Each epoch: a log line, curves.png and the checkpoints, written atomically.
+# ----------------------------------------------------------------------------------------
+
+
+def finite_loss(losses: dict, epoch: int, step: int, output_dir: Path) -> float:
+    """The step's loss as a number; a NaN or infinite one ends the run with one line (the last
+    checkpoint stays)."""
+    loss = losses["loss"].item()
+    if not math.isfinite(loss):
+        terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+        sys.exit(f"error: non-finite loss at epoch {epoch + 1}, step {step + 1}: {terms}; stopped, the "
+                 f"last good checkpoint is {output_dir / 'checkpoint.pth'} (try a lower --lr, and "
+                 f"python data.py check on the data)")
+    return loss
+
+
+def epoch_losses(sums: dict, steps: int, distributed: bool) -> dict:
+    """The epoch's mean of each loss term (averaged over the processes too), for the log."""
+    totals = torch.stack(list(sums.values())) / max(steps, 1)
+    if distributed:
+        dist.all_reduce(totals)
+        totals /= dist.get_world_size()
+    return {f"train_{k}": round(v, 5) for k, v in zip(sums, totals.tolist())}
+
+
+def save_epoch(args, run: Run, record: dict, state: dict, best_ap: float, main_process: bool,
+               distributed: bool) -> float:
+    """Append `record` to log.jsonl, redraw curves.png, write checkpoint.pth (`state` and every
+    process's random state) and best.pth when AP improved. Returns the best AP so far."""
+    states = [rng_states()]
+    if distributed:
+        states = [None] * dist.get_world_size()
+        dist.all_gather_object(states, rng_states())
+    if main_process:
+        log = run.output_dir / "log.jsonl"
+        lines = [*(log.read_text().splitlines() if log.exists() else []), json.dumps(record)]
+        save_atomically(log, lambda tmp: tmp.write_text("".join(f"{line}\n" for line in lines)))
+        save_atomically(run.output_dir / "curves.png", lambda tmp: plot_curves([json.loads(l) for l in lines], tmp))
+        improved = record.get("AP", -1.0) > best_ap
+        best_ap = max(best_ap, record.get("AP", -1.0))
+        state = {**state, "best_ap": best_ap, "args": {k: v for k, v in vars(args).items() if k != "given"},
+                 "rng": states}
+        save_atomically(run.output_dir / "checkpoint.pth", lambda tmp: torch.save(state, tmp))
+        if improved:
+            save_atomically(run.output_dir / "best.pth", lambda tmp: torch.save(state, tmp))
+    if distributed:
+        dist.barrier()
+    return best_ap
+
+
+def save_atomically(path: Path, write):
+    """`write(tmp)` writes the file's new content to a temporary file, which then replaces `path`:
+    a crash never leaves a broken checkpoint, log or plot. A disk that fills up (or any failed
+    write) is one InputError, with the partial file removed and the file already at `path` intact."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:     # torch reports a full disk as a RuntimeError from its writer
+        tmp.unlink(missing_ok=True)
+        kept = f"; the previous {path.name} is intact" if path.exists() else ""
+        raise cdetr.InputError(f"{path}: writing failed ({type(e).__name__}: {str(e)[:120]}){kept}; free some "
+                               f"space (df -h {path.parent}) and continue with --resume") from None
+
+
+def rng_states() -> dict:
+    """Every generator's state in plain types (tensors, tuples, lists, numbers), so that the
+    checkpoint loads with weights_only=True."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [name, keys.tolist(), position, has_gauss, cached],
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_states(states: dict):
+    random.setstate(states["python"])
+    name, keys, position, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+    if torch.cuda.is_available() and states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def plot_curves(history: list[dict], path: Path):
+    """curves.png: the training losses and the validation AP per epoch (Agg backend, no screen)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(epochs, [r["train_loss"] for r in history], marker="o", ms=3)
+    axes[0].set_title("weighted total loss (all decoder layers)")
+    for term in ("loss_ce", "loss_bbox", "loss_giou"):
+        axes[1].plot(epochs, [r[f"train_{term}"] for r in history], marker="o", ms=3, label=f"{term}, last layer")
+        earlier = [k for k in history[-1] if k.startswith(f"train_{term}_")]
+        if earlier:
+            axes[1].plot(epochs, [sum(r[k] for k in earlier) / len(earlier) for r in history], ls="--",
+                         color=axes[1].lines[-1].get_color(), label=f"{term}, earlier layers (mean)")
+    axes[1].set_title("unweighted loss terms")
+    axes[1].legend(fontsize=7)
+    evaluated = [r for r in history if "AP" in r]
+    for metric in ("AP", "AP50", "AP75"):
+        axes[2].plot([r["epoch"] for r in evaluated], [r[metric] for r in evaluated], marker="o", ms=3, label=metric)
+    axes[2].set_title("validation")
+    axes[2].legend(fontsize=7)
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80, format="png")   # also to a name without .png: save_atomically's temporary file
+    plt.close(fig)
+
+
+def interrupted(run: Run, epoch: int, step: int, main_process: bool):
+    """Ctrl-C: say where the run stopped and the command that continues it; exit status 130."""
+    if main_process:
+        saved = run.output_dir / "checkpoint.pth"
+        print(f"\ninterrupted in epoch {epoch + 1}, step {step}; " + (
+            f"the last finished epoch is saved in {saved}; continue with\n  {resume_command(saved)}"
+            if saved.exists() else "no epoch had finished, so nothing was saved"))
+    sys.exit(130)
+
+
+def resume_command(checkpoint: Path) -> str:
+    """This command line, made to continue from `checkpoint`."""
+    argv, kept = sys.argv[1:], []
+    while argv:
+        flag = argv.pop(0)
+        if flag in ("--resume", "--init-from", "--output-dir"):
+            argv.pop(0) if argv else None
+        elif not flag.startswith(("--resume=", "--init-from=", "--output-dir=")):
+            kept.append(flag)
+    return " ".join(["python", sys.argv[0], *kept, "--resume", str(checkpoint)])
+
+
+def finish(run: Run, best_ap: float, main_process: bool, distributed: bool):
+    """The AP of every epoch, and where the checkpoints are."""
+    log = run.output_dir / "log.jsonl"
+    if main_process:
+        history = [json.loads(line) for line in open(log)] if log.exists() else []
+        curve = ", ".join(f"{r['epoch']}: {r['AP']:.3f}" for r in history if "AP" in r)
+        print(f"done. AP per epoch: {curve}\nbest AP {best_ap:.3f}; checkpoints in {run.output_dir}")
+    if distributed:
+        dist.destroy_process_group()
