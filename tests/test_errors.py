@@ -235,5 +235,6 @@ def test_interrupted_run_says_how_to_continue(shapes, tmp_path):
     assert continue_with[-2:] == ["--resume", str(out / "checkpoint.pth")] and "--output-dir" not in continue_with
     finished = torch.load(out / "checkpoint.pth", weights_only=True)["epoch"]
     continue_with[continue_with.index("--epochs") + 1] = str(finished + 2)
-    subprocess.run([sys.executable, *continue_with[1:]], cwd=ROOT, check=True, capture_output=True)
+    assert continue_with[:2] == ["python", str(ROOT / "train.py")]
+    run("train.py", *continue_with[2:])
     assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == finished + 1

@@ -7,7 +7,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ import cdetr
 import data
 import evaluate
 from test_pretrained import fake_internet, r50_weights, write  # noqa: F401 (fixtures)
+from test_train import run
 
 ROOT = Path(__file__).resolve().parent.parent
 TUTORIAL = ROOT / "tutorial" / "tiny_shapes.pth"
@@ -112,8 +112,7 @@ def test_the_detr_baseline_beside_the_conditional_model(photos, tmp_path):
 
 
 def run_evaluate(*args):
-    return subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    return run("evaluate.py", *args, check=False)
 
 
 def test_the_command_line(photos, tmp_path):

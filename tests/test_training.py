@@ -54,7 +54,7 @@ def test_small_model_overfits_one_batch(decoder):
     model, criterion = cdetr.ConditionalDETR(cfg), cdetr.SetCriterion(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
     images, mask, targets = two_synthetic_images()
-    for step in range(150):
+    for step in range(100):     # all three pass from step 60 on (loss / 20, IoU 0.91 and up)
         losses = criterion(model(images, mask), targets)
         if step == 0:
             first_loss = losses["loss"].item()
