@@ -4,6 +4,7 @@ by the real grader (a worker process per file)."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -357,6 +358,33 @@ def test_the_capstone_puts_the_students_code_in_place_and_starts_from_the_same_w
     """)
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert run.stdout.strip() == "ok", run.stderr[-2000:]
+
+
+def test_the_capstone_trains_end_to_end_with_the_students_code_and_downloads_nothing(tmp_path):
+    """`python capstone.py --module solutions` through train.main on a budget of two steps (its own
+    process: the capstone puts the student's code in cdetr's place for good), with the ImageNet
+    downloader failing: the run trains, evaluates, plots and gives its verdict."""
+    script = textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        sys.path[:0] = [{str(EXERCISES)!r}, {str(EXERCISES.parent.parent)!r}]
+        import torchvision.models._api, capstone, data
+        def offline(url, *args, **kwargs):
+            raise OSError(f"no network: {{url}} was asked for")
+        torchvision.models._api.load_state_dict_from_url = offline
+        capstone.ROOT = Path({str(tmp_path)!r})          # its data and runs/ go here
+        data.make_shapes_dataset(capstone.ROOT / "data" / "shapes", num_train=8, num_val=4, size=64, min_side=12,
+                                 max_side=30, seed=0)
+        capstone.TRAIN_ARGS += ["--epochs", "1", "--subset", "8", "--image-size", "64", "--num-workers", "0"]
+        sys.argv = ["capstone.py", "--module", "solutions"]
+        capstone.main()
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert re.search(r"solutions \(this run\) +AP per epoch: ", run.stdout) and "largest difference" in run.stdout
+    assert (tmp_path / "runs" / "capstone-solutions" / "capstone.png").is_file()
+    log = (tmp_path / "runs" / "capstone-solutions" / "log.jsonl").read_text().splitlines()
+    assert len(log) == 1 and json.loads(log[0])["epoch"] == 1
 
 
 def test_plot_runs_draws_a_run_against_the_reference_band(tmp_path):
