@@ -17,6 +17,7 @@ EXERCISES = Path(__file__).resolve().parent.parent / "tutorial" / "exercises"
 sys.path.insert(0, str(EXERCISES))
 import check  # noqa: E402
 import make_autograder  # noqa: E402
+from test_train import in_process  # noqa: E402
 
 
 def student(tmp_path: Path, source: str, name: str = "exercises") -> str:
@@ -112,8 +113,8 @@ def test_a_file_that_cannot_be_imported_scores_zero_and_says_why(tmp_path, sourc
 
 def test_gradescope_gets_results_json_with_score_zero_for_a_syntax_error(tmp_path):
     path = student(tmp_path, "import torch\n\ndef box_cxcywh_to_xyxy(boxes:\n    return boxes\n")
-    run = subprocess.run([sys.executable, str(EXERCISES / "check.py"), "--module", path, "--json",
-                          str(tmp_path / "results" / "results.json")], capture_output=True, text=True)
+    run = in_process([sys.executable, str(EXERCISES / "check.py"), "--module", str(path), "--json",
+                      str(tmp_path / "results" / "results.json")])
     assert run.returncode == 0, run.stderr
     report = json.loads((tmp_path / "results" / "results.json").read_text())
     assert report["score"] == 0 and len(report["tests"]) == 15 and all(t["score"] == 0 for t in report["tests"])

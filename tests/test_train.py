@@ -38,17 +38,13 @@ def shapes(tmp_path_factory):
                                     min_side=12, max_side=30, seed=0)
 
 
-# The project's scripts, which run() runs in this process: what `python SCRIPT` does, without a
-# Python and torch start for each of the many runs below.
-IN_PROCESS = ("train.py", "evaluate.py", "data.py")
-
-
 def run(script, *args, check=True, launcher=()):
     """`python SCRIPT ARGS` from the repository root, as a user runs it: a CompletedProcess with
-    stdout, stderr and the exit status. The project's scripts run in this process (in_process);
-    probes, and anything under a launcher such as torchrun, in a process of their own."""
+    stdout, stderr and the exit status. Without a launcher the script runs in this process
+    (in_process: what `python SCRIPT` does, without a Python and torch start for each of the many
+    runs here); under a launcher such as torchrun, in processes of their own."""
     command = [*launcher, *([sys.executable] if not launcher else []), str(ROOT / script), *map(str, args)]
-    if not launcher and str(script) in IN_PROCESS:
+    if not launcher:
         result = in_process(command)
     else:
         result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -248,22 +244,27 @@ def test_torchrun_an_error_in_any_process_is_reported_once(shapes, tmp_path):
 
 
 # One optimizer step, recorded: the gradients as clipping sees them (the main process's, which
-# DDP has averaged), with augmentation off so that every run sees the same pixels.
+# DDP has averaged), with augmentation off so that every run sees the same pixels; one thread,
+# as in a torchrun process. Run in the test process, it puts back what it replaced.
 STEP_PROBE = """
 import os, sys, torch
 sys.path.insert(0, {root!r})
 import data, runs, train
-build_dataset = data.build_dataset
-data.build_dataset = lambda *args, train=False, **kwargs: build_dataset(*args, train=False, **kwargs)
-clip = torch.nn.utils.clip_grad_norm_
+build_dataset, clip, threads = data.build_dataset, torch.nn.utils.clip_grad_norm_, torch.get_num_threads()
 def recording_clip(parameters, *args, **kwargs):
     parameters = list(parameters)
     if os.environ.get("RANK", "0") == "0":
         torch.save([p.grad for p in parameters], {out!r})
     return clip(parameters, *args, **kwargs)
+data.build_dataset = lambda *args, train=False, **kwargs: build_dataset(*args, train=False, **kwargs)
 torch.nn.utils.clip_grad_norm_ = recording_clip
-with runs.report_input_errors(), runs.one_report_for_all_processes():
-    train.main()
+torch.set_num_threads(1)
+try:
+    with runs.report_input_errors(), runs.one_report_for_all_processes():
+        train.main()
+finally:
+    data.build_dataset, torch.nn.utils.clip_grad_norm_ = build_dataset, clip
+    torch.set_num_threads(threads)
 """
 
 
