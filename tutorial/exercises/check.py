@@ -14,7 +14,9 @@ what the exercise forbids) or "timed out"; each correct one scores a point.
 How it grades, and why it cannot be fooled by the usual tricks:
   * The inputs (cases.pt) and the answers (expected.pt) were computed once by make_fixtures.py
     from solutions.py and cdetr.py; grading needs neither of those files.
-  * The student's file runs in a separate worker process that is given the inputs only. Inside
+  * The student's file runs in a separate worker process that is given the inputs only (forked
+    from a forkserver that has imported torch, numpy, scipy and pycocotools: nothing of this
+    repository's is in it, and each worker starts in a fraction of a second). Inside
     it, importing cdetr, solutions or this checker fails, opening expected.pt, cdetr.py or
     solutions.py fails, starting programs fails, and the exercises that say "torch alone" fail
     if they call anything in torchvision, however indirectly. The worker sends back plain
@@ -32,8 +34,8 @@ import importlib.util
 import io
 import json
 import math
+import multiprocessing
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -427,14 +429,32 @@ def save(result: dict, path: Path):
     os.replace(tmp, path)
 
 
+# What the exercises may use, imported before the guard is armed: by the worker's parent, the
+# forkserver, so that each worker starts with them in place instead of importing them anew.
+PRELOADED = ("torch", "numpy", "scipy.optimize", "pycocotools.coco", "pycocotools.cocoeval")
+WORKERS = multiprocessing.get_context("forkserver")
+WORKERS.set_forkserver_preload(list(PRELOADED))
+
+
+def worker_process(graded: Path, names: list[str], out: Path):
+    """A worker forked from the forkserver (a fresh interpreter that imported PRELOADED and
+    nothing of ours): print into out/log.txt, run in the student's folder, forget this module
+    (so that importing it is refused like the reference code), then grade (worker)."""
+    log = os.open(out / "log.txt", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.chdir(graded.parent)
+    for name in ("check", "__mp_main__"):
+        sys.modules.pop(name, None)
+    worker(graded, names, out)
+
+
 def worker(graded: Path, names: list[str], out: Path):
     """Import the student's file, then run each named exercise's cases; write out/<i>.pt per
     exercise (and out/import.pt), so the grading process can time each one."""
-    import numpy as np  # noqa: F401  (everything the exercises may use is imported before the guard is armed)
-    import scipy.optimize  # noqa: F401
-    with contextlib.suppress(ImportError):
-        import pycocotools.coco  # noqa: F401
-        import pycocotools.cocoeval  # noqa: F401
+    for name in PRELOADED:   # in place already in a worker forked from the forkserver
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
     cases = torch.load(CASES, weights_only=True)
     guard = Guard(graded)
     guard.armed = True
@@ -522,11 +542,9 @@ def grade(module: str = "exercises", names: list[str] | None = None,
     with tempfile.TemporaryDirectory() as tmp:
         while pending:
             out = Path(tempfile.mkdtemp(dir=tmp))
-            with open(out / "log.txt", "w") as log:
-                process = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", str(graded),
-                                            "--out", str(out), *pending], stdout=log, stderr=subprocess.STDOUT,
-                                           stdin=subprocess.DEVNULL, cwd=graded.parent)
-            deadline = time.time() + time_limit + 30       # importing torch and the file
+            process = WORKERS.Process(target=worker_process, args=(graded, pending, out), daemon=True)
+            process.start()
+            deadline = time.time() + time_limit + 30       # starting, and importing the file
             waiting_for = out / "import.pt"
             done = 0
             while True:
@@ -534,7 +552,7 @@ def grade(module: str = "exercises", names: list[str] | None = None,
                     result = torch.load(waiting_for, weights_only=True)
                     if waiting_for.name == "import.pt":
                         if result["error"]:
-                            process.wait()
+                            process.join()
                             return [(n, "not graded", result["error"]) for n in names], result["error"]
                     else:
                         results.append((pending[done], *judge(pending[done], result, expected[pending[done]],
@@ -543,10 +561,11 @@ def grade(module: str = "exercises", names: list[str] | None = None,
                     if done == len(pending):
                         break
                     waiting_for, deadline = out / f"{done}.pt", time.time() + time_limit
-                elif process.poll() is not None and not waiting_for.exists():
-                    tail = (out / "log.txt").read_text(errors="replace").strip().splitlines()[-1:] or [""]
+                elif process.exitcode is not None and not waiting_for.exists():
+                    log = out / "log.txt"
+                    tail = (log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []) or [""]
                     what = "importing the file" if waiting_for.name == "import.pt" else pending[done]
-                    message = f"the process running it ended (exit code {process.returncode}) during {what}: {tail[0][:200]}"
+                    message = f"the process running it ended (exit code {process.exitcode}) during {what}: {tail[0][:200]}"
                     if waiting_for.name == "import.pt":
                         return [(n, "not graded", message) for n in names], message
                     results.append((pending[done], "different", message))
@@ -563,7 +582,7 @@ def grade(module: str = "exercises", names: list[str] | None = None,
                 else:
                     time.sleep(0.02)
             process.kill()
-            process.wait()
+            process.join()
             pending = pending[done:]
     return results, ""
 
@@ -588,11 +607,7 @@ def main():
     parser.add_argument("--module", default="exercises", help="a module next to this file, or a .py file (default: exercises)")
     parser.add_argument("--json", help="also write the results in Gradescope's results.json format")
     parser.add_argument("--time-limit", type=float, default=TIME_LIMIT, help=f"seconds per exercise (default {TIME_LIMIT:.0f})")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        return worker(Path(args.worker), args.names, Path(args.out))
     start = time.time()
     try:
         results = run(*args.names, module_name=args.module, time_limit=args.time_limit)
