@@ -86,6 +86,22 @@ def test_the_convergence_table_and_its_sentences_are_the_committed_result():
     assert f"{len(offset)} / 6.7 is {len(offset) / 6.7:.1f}" in text
 
 
+def test_the_baselines_sentences_are_the_committed_runs():
+    result = json.loads((RESULTS / "convergence.json").read_text())
+    offset, detr = result["runs"]["detr-offset"]["42"], result["runs"]["detr"]["42"]
+    first_epoch = statistics.median(run[0]["train_loss"] for run in result["runs"]["conditional"].values())
+    text = prose(BENCHMARKS)
+    assert f"training loss {offset[0]['train_loss']:.2f} in its first epoch" in text
+    assert (f"AP {min(r['AP'] for r in offset):.3f} to {max(r['AP'] for r in offset):.3f} for all {len(offset)} "
+            f"epochs, its loss flat at {min(r['train_loss'] for r in offset[1:]):.1f} to "
+            f"{max(r['train_loss'] for r in offset[1:]):.1f}") in text
+    assert f"stayed at AP {min(r['AP'] for r in detr):.3f} to {max(r['AP'] for r in detr):.3f} for all {len(detr)}" in text
+    assert (f"fell from {detr[0]['train_loss']:.1f} to {detr[9]['train_loss']:.1f} by epoch 10, then crept to "
+            f"{detr[-1]['train_loss']:.1f} by epoch {len(detr)}") in text
+    assert all(r["train_loss"] > first_epoch for r in detr)        # "more than 40 times as many epochs"
+    assert f"*first* epoch ({first_epoch:.2f})" in text and f"more than {len(detr)} times" in text
+
+
 def test_the_ablation_table_is_the_committed_result():
     runs = {row["config"] and next(iter(row["config"].items())) or None: row
             for row in json.loads((RESULTS / "ablations.json").read_text())["table"]}
