@@ -362,9 +362,10 @@ def test_the_capstone_puts_the_students_code_in_place_and_starts_from_the_same_w
 
 
 def test_the_capstone_trains_end_to_end_with_the_students_code_and_downloads_nothing(tmp_path):
-    """`python capstone.py --module solutions` through train.main on a budget of two steps (its own
-    process: the capstone puts the student's code in cdetr's place for good), with the ImageNet
-    downloader failing: the run trains, evaluates, plots and gives its verdict."""
+    """`python capstone.py --reference`, then `--module solutions`, through train.main on a budget of
+    two steps (its own process: the capstone puts the student's code in cdetr's place for good), with
+    the ImageNet downloader failing: each run trains, evaluates and plots; the reference run writes a
+    new log beside the committed one, and the student's run gives its verdict."""
     script = textwrap.dedent(f"""
         import sys
         from pathlib import Path
@@ -377,6 +378,14 @@ def test_the_capstone_trains_end_to_end_with_the_students_code_and_downloads_not
         data.make_shapes_dataset(capstone.ROOT / "data" / "shapes", num_train=8, num_val=4, size=64, min_side=12,
                                  max_side=30, seed=0)
         capstone.TRAIN_ARGS += ["--epochs", "1", "--subset", "8", "--image-size", "64", "--num-workers", "0"]
+        committed = capstone.REFERENCE_LOG.read_bytes()
+        capstone.REFERENCE_LOG = capstone.ROOT / "reference_logs" / capstone.REFERENCE_LOG.name
+        capstone.REFERENCE_LOG.parent.mkdir()
+        capstone.REFERENCE_LOG.write_bytes(committed)
+        sys.argv = ["capstone.py", "--reference"]        # a new reference log, beside the one it keeps
+        capstone.main()
+        assert capstone.REFERENCE_LOG.read_bytes() == committed
+        assert len(list(capstone.REFERENCE_LOG.parent.glob("capstone-reference-*.jsonl"))) == 1
         sys.argv = ["capstone.py", "--module", "solutions"]
         capstone.main()
     """)
