@@ -73,7 +73,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 # Configuration. Defaults are the paper's Conditional DETR-R50 (architecture, losses,
 # optimisation), with the official argument names. pretrained_backbone says whether a new run
 # starts from ImageNet weights (train.py turns it on for the paper's presets); building a model
-# never downloads them, whatever the config says (Backbone.load_imagenet_weights does, for train.py).
+# never downloads them, whatever the config says (load_imagenet_weights does, for train.py).
 # ----------------------------------------------------------------------------------------
 
 
@@ -873,10 +873,6 @@ def load_imagenet_weights(model: nn.Module):
     missing = [k for k in own if k not in imagenet and not k.endswith("num_batches_tracked")]
     if missing:
         raise WeightsError(f"the ImageNet weights of {model.cfg.backbone} lack {missing[0]}")
-
-
-
-
 
 
 def convert_official_state_dict(official: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -175,6 +175,11 @@ class Run:
     pretrained: cdetr.Pretrained | None  # --init-from: the weights in our names
     builtin_data: bool                 # the shapes dataset, generated on first use
 
+    @property
+    def new(self) -> bool:
+        """Neither resumed nor started from weights: the only kind of run that downloads anything."""
+        return not (self.checkpoint or self.pretrained)
+
 
 def open_run(args, main_process: bool, distributed: bool) -> Run:
     """The run's folder; the checkpoint of --resume or the weights of --init-from, read and
@@ -270,7 +275,7 @@ def resolve_config(args, run: Run) -> tuple[cdetr.Config, str]:
             base = replace(base, pretrained_backbone=True)
         cfg = make_config(args, base)
         origin = f"preset {args.preset}"
-    if not (run.checkpoint or run.pretrained) and not cfg.pretrained_backbone and (
+    if run.new and not cfg.pretrained_backbone and (
             cfg.frozen_batchnorm or cfg.train_backbone != "all"):
         raise cdetr.ConfigError(
             f"{origin}: without ImageNet weights (pretrained_backbone=false) the backbone would train around random "
@@ -371,7 +376,7 @@ def restore(args, run: Run, model, optimizer, scheduler, rank: int, world_size: 
     return checkpoint["epoch"] + 1, checkpoint["best_ap"]
 
 
-def start(args, run: Run, model, cfg: cdetr.Config, origin: str, data_and_machine: str):
+def start(args, run: Run, model, cfg: cdetr.Config, origin: str, images: str, world_size: int, device):
     """Main process, before the first step: the folder can be written and has room for the
     checkpoints; on --resume, log.jsonl keeps each finished epoch once; one line says what
     will run."""
@@ -382,10 +387,10 @@ def start(args, run: Run, model, cfg: cdetr.Config, origin: str, data_and_machin
         kept = [line for line in (source.read_text().splitlines() if source.exists() else [])
                 if line.strip() and json.loads(line)["epoch"] <= done]
         save_atomically(run.output_dir / "log.jsonl", lambda tmp: tmp.write_text("".join(f"{line}\n" for line in kept)))
-    processes = dist.get_world_size() if dist.is_initialized() else 1
+    per_step = cfg.batch_size * args.gradient_accumulation_steps * world_size
     print(f"{origin}, decoder {cfg.decoder}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
-          f"{data_and_machine}, {cfg.batch_size * args.gradient_accumulation_steps * processes} images per "
-          f"optimizer step ({cfg.batch_size} x {args.gradient_accumulation_steps} accumulated x {processes})")
+          f"{images}, {world_size} process(es) on {device}, {per_step} images per optimizer step "
+          f"({cfg.batch_size} x {args.gradient_accumulation_steps} accumulated x {world_size})")
 
 
 def check_output_folder(folder: Path, model: torch.nn.Module):

@@ -152,7 +152,7 @@ def main(argv=None):
 
     # --- model, loss, optimizer: the official two learning rates, AdamW and a step decay
     model = cdetr.ConditionalDETR(cfg).to(device)
-    if cfg.pretrained_backbone and not (run.checkpoint or run.pretrained):   # only a new run downloads anything
+    if cfg.pretrained_backbone and run.new:           # only a new run downloads anything
         cdetr.load_imagenet_weights(model)
     if run.pretrained:
         runs.load_init_weights(model, args, run, cfg, origin, main_process)
@@ -175,8 +175,8 @@ def main(argv=None):
     collate = functools.partial(data.collate, pad_to=data.compile_padding(cfg.image_size, cfg.max_size) if args.compile else 0)
 
     if main_process:   # the folder can be written, the log trimmed on --resume; one line says what will run
-        runs.start(args, run, model, cfg, origin, f"{len(train_set)} training / {len(val_set)} validation images, "
-                   f"{world_size} process(es) on {device}")
+        runs.start(args, run, model, cfg, origin, f"{len(train_set)} training / {len(val_set)} validation images",
+                   world_size, device)
     val_shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world_size))
     on_gpu = device.type == "cuda"        # pinned host memory lets the copies to the GPU overlap the work
     val_loader = torch.utils.data.DataLoader(val_shard, batch_size=evaluation_batch_size(cfg, cfg.batch_size * 2),
