@@ -133,7 +133,8 @@ def full_size_models():
 
     def model(cfg: cdetr.Config) -> cdetr.ConditionalDETR:
         key = json.dumps(asdict(cfg), sort_keys=True)
-        models[key] = models.get(key) or cdetr.ConditionalDETR(cfg)
+        if key not in models:
+            models[key] = cdetr.ConditionalDETR(cfg)
         with torch.no_grad():   # nothing left from an earlier load can pass for a value loaded now
             for tensor in models[key].state_dict().values():
                 tensor.fill_(float("nan") if tensor.is_floating_point() else 0)

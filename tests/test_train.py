@@ -54,15 +54,17 @@ def run(script, *args, check=True, launcher=()):
     return result
 
 
-def in_process(command: list[str]) -> subprocess.CompletedProcess:
+def in_process(command: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """Run `python SCRIPT ARGS` (command) in this process as the interpreter would: its
-    `__main__` block from the repository root, stdout and stderr captured, warnings shown as a
-    fresh interpreter shows them, SystemExit turned into the exit status (a message into stderr
-    and status 1), and any other exception into a traceback on stderr and status 1."""
+    `__main__` block from `cwd` with the script's folder first on sys.path, stdout and stderr
+    captured, warnings shown as a fresh interpreter shows them, SystemExit turned into the exit
+    status (a message into stderr and status 1), and any other exception into a traceback on
+    stderr and status 1."""
     out, err, status = io.StringIO(), io.StringIO(), 0
-    argv, cwd = sys.argv, os.getcwd()
+    argv, path, here = sys.argv, sys.path[:], os.getcwd()
     sys.argv = command[1:]
-    os.chdir(ROOT)
+    sys.path.insert(0, str(Path(command[1]).parent))
+    os.chdir(cwd)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
             warnings.resetwarnings()           # the interpreter's defaults, not pytest's recorder
@@ -80,8 +82,8 @@ def in_process(command: list[str]) -> subprocess.CompletedProcess:
                 traceback.print_exc()
                 status = 1
     finally:
-        sys.argv = argv
-        os.chdir(cwd)
+        sys.argv, sys.path[:] = argv, path
+        os.chdir(here)
     return subprocess.CompletedProcess(command, status, out.getvalue(), err.getvalue())
 
 
