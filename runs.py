@@ -9,7 +9,9 @@ real mistakes:
     - --resume and --init-from: reading the file, which flags and which config win, the checks
       that a resumed run never rewinds; every process's random state, so resume is exact;
     - start-up checks: what can be known before the first step is checked before it;
-    - each epoch's log line, curves.png and checkpoints, written atomically; Ctrl-C.
+    - within an epoch: the order of its samples, checkpoints every --save-every minutes, and a
+      clean stop on SIGTERM or Ctrl-C, all resumable from the step;
+    - each epoch's log line, curves.png and checkpoints, written atomically.
 """
 
 import argparse
@@ -19,6 +21,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, fields, replace
@@ -72,6 +75,17 @@ def positive_int(text: str) -> int:
     if not text.lstrip("-").isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
     return int(text)
+
+
+def minutes(text: str) -> float:
+    """argparse type: a number of minutes, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of minutes, 0 or more, not {text!r}")
+    return value
 
 
 def unused_dir(path: str | Path) -> Path:
@@ -130,7 +144,7 @@ def one_report_for_all_processes():
     try:
         yield
     except BaseException as e:
-        ending_normally = isinstance(e, KeyboardInterrupt) or (isinstance(e, SystemExit) and e.code in (0, 130, None))
+        ending_normally = isinstance(e, KeyboardInterrupt) or (isinstance(e, SystemExit) and e.code in (0, 130, 143, None))
         if "RANK" not in os.environ or ending_normally:
             raise
         first = first_to_stop()
@@ -216,17 +230,18 @@ def open_run(args, main_process: bool, distributed: bool) -> Run:
                                "--val-images --val-annotations")
 
     if checkpoint:
-        done = checkpoint["epoch"] + 1
+        done = position(checkpoint)
         latest = output_dir / "checkpoint.pth"
         if main_process and latest.exists() and latest.resolve() != Path(args.resume).resolve():
-            newer = cdetr.read_checkpoint(latest).get("epoch", -1) + 1
+            newer = position(cdetr.read_checkpoint(latest))
             if newer > done:
-                raise cdetr.InputError(f"--resume {args.resume}: ends at epoch {done}, but {latest} is at epoch {newer}: "
+                raise cdetr.InputError(f"--resume {args.resume}: ends at {where(done)}, but {latest} is at {where(newer)}: "
                                        f"continuing here would rewind the run and overwrite it; resume {latest}, or "
-                                       f"branch off from epoch {done} into a new folder with --output-dir")
-        if args.epochs is not None and args.epochs < done:
-            raise cdetr.ConfigError(f"--epochs {args.epochs}: {args.resume} has already trained {done} epochs; give "
-                                    f"the new total, at least {done}")
+                                       f"branch off from {where(done)} into a new folder with --output-dir")
+        if args.epochs is not None and args.epochs < done[0] + (done[1] > 0):
+            trained = f"{done[0]} epochs" + (f" and {done[1]} steps of epoch {done[0] + 1}" if done[1] else "")
+            raise cdetr.ConfigError(f"--epochs {args.epochs}: {args.resume} has already trained {trained}; give "
+                                    f"the new total, at least {done[0] + (done[1] > 0)}")
         warn_about_changed_flags(args, checkpoint["args"])
     return Run(output_dir, checkpoint, pretrained, builtin_data)
 
@@ -358,12 +373,15 @@ def load_init_weights(model: torch.nn.Module, args, run: Run, cfg: cdetr.Config,
 
 
 def restore(args, run: Run, model, optimizer, scheduler, rank: int, world_size: int,
-            main_process: bool) -> tuple[int, float]:
+            main_process: bool) -> tuple[int, float, tuple[int, int, dict]]:
     """--resume: the weights, optimizer, schedule and this process's random state of the
-    checkpoint. Returns (the first epoch to train, the best AP so far); (0, -1) for a new run."""
+    checkpoint. Returns the first epoch to train, the best AP so far and, for a checkpoint
+    written within an epoch, where in it to go on: (optimizer steps done, samples of the epoch
+    done by all processes together, this process's loss sums so far); (0, 0, {}) at an epoch's
+    start. A new run: (0, -1, (0, 0, {}))."""
     checkpoint = run.checkpoint
     if not checkpoint:
-        return 0, -1.0
+        return 0, -1.0, (0, 0, {})
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["lr_scheduler"])
@@ -373,7 +391,21 @@ def restore(args, run: Run, model, optimizer, scheduler, rank: int, world_size: 
     if len(saved) != world_size and main_process:
         print(f"warning: {args.resume} was trained by {len(saved)} process(es), this run has {world_size}: the "
               f"random augmentation will differ from an uninterrupted run")
-    return checkpoint["epoch"] + 1, checkpoint["best_ap"]
+    if "step" not in checkpoint:    # written at an epoch's end (also every checkpoint of older versions)
+        return checkpoint["epoch"] + 1, checkpoint["best_ap"], (0, 0, {})
+    device = next(model.parameters()).device
+    sums = {k: v.to(device) for k, v in checkpoint["sums"][rank].items()} if rank < len(checkpoint["sums"]) else {}
+    return checkpoint["epoch"], checkpoint["best_ap"], (checkpoint["step"], checkpoint["samples"], sums)
+
+
+def position(checkpoint: dict) -> tuple[int, int]:
+    """Where a checkpoint of train.py stands: (epochs finished, optimizer steps into the next)."""
+    return (checkpoint["epoch"], checkpoint["step"]) if "step" in checkpoint else (checkpoint["epoch"] + 1, 0)
+
+
+def where(at: tuple[int, int]) -> str:
+    """A position in words: "epoch 3" (its end), "epoch 4, step 120", or "the start"."""
+    return "the start" if at == (0, 0) else f"epoch {at[0]}" if at[1] == 0 else f"epoch {at[0] + 1}, step {at[1]}"
 
 
 def start(args, run: Run, model, cfg: cdetr.Config, origin: str, images: str, world_size: int, device):
@@ -383,7 +415,7 @@ def start(args, run: Run, model, cfg: cdetr.Config, origin: str, images: str, wo
     check_output_folder(run.output_dir, model)
     if run.checkpoint:   # the log holds each finished epoch once: drop lines of an epoch the checkpoint has not
         source = Path(args.resume).parent / "log.jsonl"
-        done = run.checkpoint["epoch"] + 1
+        done = position(run.checkpoint)[0]
         kept = [line for line in (source.read_text().splitlines() if source.exists() else [])
                 if line.strip() and json.loads(line)["epoch"] <= done]
         save_atomically(run.output_dir / "log.jsonl", lambda tmp: tmp.write_text("".join(f"{line}\n" for line in kept)))
@@ -410,6 +442,125 @@ def check_output_folder(folder: Path, model: torch.nn.Module):
     if free < need:
         raise cdetr.InputError(f"--output-dir {folder}: {free / 1e6:.0f} MB free on its disk, but a checkpoint of "
                                f"this model needs about {need / 1e6:.0f} MB; free some space or choose another disk")
+
+
+# ----------------------------------------------------------------------------------------
+# Within an epoch: its samples, checkpoints mid-epoch (--save-every), clean stops (SIGTERM, Ctrl-C).
+# ----------------------------------------------------------------------------------------
+
+
+class EpochSamples(torch.utils.data.Dataset):
+    """One process's share of one epoch of `dataset`: the samples in an order fixed by (seed,
+    epoch), process `rank` taking every `world_size`-th from position `first` on (a resumed epoch
+    skips what it has trained; every process gets as many, the remainder is dropped). Each sample
+    is augmented under a random seed of its own, fixed by (seed, epoch, position), and the
+    random state around it is left as it was: the batches are the same however many loading
+    workers make them, and an epoch resumed mid-way goes on with the batches it stopped before.
+    """
+
+    def __init__(self, dataset, seed: int, epoch: int, rank: int = 0, world_size: int = 1, first: int = 0):
+        generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+        order = torch.randperm(len(dataset), generator=generator)
+        seeds = torch.randint(2**62, (len(dataset),), generator=generator)
+        end = len(dataset) // world_size * world_size
+        self.dataset = dataset
+        self.samples = list(zip(order[first + rank:end:world_size].tolist(), seeds[first + rank:end:world_size].tolist()))
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, position: int):
+        index, seed = self.samples[position]
+        python_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            random.seed(seed)
+            torch.manual_seed(seed)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(python_state)
+
+
+def ignore_stop_signals(worker_id: int):
+    """A data-loading worker's start (DataLoader's worker_init_fn): SIGTERM and Ctrl-C, which
+    reach the whole process group, leave it running; the main process ends it when it stops."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class Checkpoints:
+    """checkpoint.pth while the loop runs: at every epoch's end (save_epoch: with the log line
+    and best.pth), within an epoch once --save-every minutes have passed since the last one, and
+    at the current step when SIGTERM (how SLURM, Kubernetes and spot instances stop a job) or
+    Ctrl-C asks the run to stop. A stop prints the command that continues the run and exits with
+    status 128 + the signal's number (143 after SIGTERM, 130 after Ctrl-C), what the shell reports
+    for a process that signal ended; a second Ctrl-C stops at once, writing nothing. Under torchrun
+    the processes settle each step together (one all_reduce), so that all save and stop at the same
+    step; only the main process writes. A context manager around the loop: the signal handlers
+    are its own inside it, the previous ones back after it."""
+
+    def __init__(self, args, run: Run, best_ap: float, main_process: bool, distributed: bool, device):
+        self.args, self.run, self.best_ap = args, run, best_ap
+        self.main_process, self.distributed, self.device = main_process, distributed, device
+        self.last_saved, self.stop_signal = time.monotonic(), 0
+        self.at = position(run.checkpoint) if run.checkpoint else (0, 0)   # (epochs finished, steps into the next)
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        if kind is KeyboardInterrupt:    # the second Ctrl-C
+            self.stop(signal.SIGINT, saved=False)
+
+    def on_signal(self, number: int, frame):
+        if self.stop_signal and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        if not self.stop_signal:
+            self.stop_signal = number
+            if self.main_process:
+                print(f"\n{signal.Signals(number).name} received: stopping after this step, with a checkpoint "
+                      f"(Ctrl-C again stops at once and saves nothing)", flush=True)
+
+    def after_step(self, state, epoch: int, step: int):
+        """After each optimizer step: if a stop was asked for, or --save-every minutes have passed,
+        write checkpoint.pth at this step (`state()`: its content), then stop if asked."""
+        self.at = (epoch, step)
+        due, stop = self.settle(self.args.save_every > 0 and time.monotonic() - self.last_saved >= 60 * self.args.save_every)
+        if due or stop:
+            save_checkpoint(self.args, self.run, state(), self.best_ap, self.main_process, self.distributed)
+            self.last_saved = time.monotonic()
+        if stop:
+            self.stop(stop)
+
+    def save_epoch(self, record: dict, state: dict):
+        """At an epoch's end: log.jsonl, curves.png, checkpoint.pth, best.pth (save_epoch); then
+        stop if a stop was asked for during the evaluation."""
+        self.best_ap = save_epoch(self.args, self.run, record, state, self.best_ap, self.main_process, self.distributed)
+        self.last_saved, self.at = time.monotonic(), (state["epoch"] + 1, 0)
+        _, stop = self.settle(False)
+        if stop:
+            self.stop(stop)
+
+    def settle(self, due: bool) -> tuple[bool, int]:
+        """(save now, the signal to stop on or 0), the same in every process."""
+        if not self.distributed:
+            return due, self.stop_signal
+        decision = torch.tensor([int(due), self.stop_signal], device=self.device)
+        dist.all_reduce(decision, op=dist.ReduceOp.MAX)
+        return bool(decision[0]), int(decision[1])
+
+    def stop(self, number: int, saved: bool = True):
+        if self.main_process:
+            checkpoint = self.run.output_dir / "checkpoint.pth"
+            at = position(torch.load(checkpoint, weights_only=True, mmap=True)) if checkpoint.exists() else None
+            print(f"\nstopped by {signal.Signals(number).name} after {where(self.at)}" + (
+                "" if saved else ", saving nothing") + (
+                f"; {checkpoint} holds {where(at)}; continue with\n  {resume_command(checkpoint)}" if at else
+                "; nothing was saved yet"), flush=True)
+        sys.exit(128 + number)
 
 
 # ----------------------------------------------------------------------------------------
@@ -442,37 +593,52 @@ def save_epoch(args, run: Run, record: dict, state: dict, best_ap: float, main_p
                distributed: bool) -> float:
     """Append `record` to log.jsonl, redraw curves.png, write checkpoint.pth (`state` and every
     process's random state) and best.pth when AP improved. Returns the best AP so far."""
-    states = [rng_states()]
-    if distributed:
-        states = [None] * dist.get_world_size()
-        dist.all_gather_object(states, rng_states())
+    improved = record.get("AP", -1.0) > best_ap
+    best_ap = max(best_ap, record.get("AP", -1.0))
     if main_process:
         log = run.output_dir / "log.jsonl"
         lines = [*(log.read_text().splitlines() if log.exists() else []), json.dumps(record)]
         save_atomically(log, lambda tmp: tmp.write_text("".join(f"{line}\n" for line in lines)))
         save_atomically(run.output_dir / "curves.png", lambda tmp: plot_curves([json.loads(l) for l in lines], tmp))
-        improved = record.get("AP", -1.0) > best_ap
-        best_ap = max(best_ap, record.get("AP", -1.0))
+    save_checkpoint(args, run, state, best_ap, main_process, distributed, also_best=improved)
+    return best_ap
+
+
+def save_checkpoint(args, run: Run, state: dict, best_ap: float, main_process: bool, distributed: bool,
+                    also_best: bool = False):
+    """Write checkpoint.pth (and best.pth if `also_best`): `state`, the best AP so far, the run's
+    flags, and every process's random state ("rng", one per process) and, for a checkpoint
+    within an epoch, loss sums ("sums", one per process; `state` holds this process's). Only the
+    main process writes; under torchrun every process must call it."""
+    per_process = {"rng": rng_states(), **({"sums": {k: v.cpu() for k, v in state["sums"].items()}}
+                                          if "sums" in state else {})}
+    gathered = [per_process]
+    if distributed:
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, per_process)
+    if main_process:
         state = {**state, "best_ap": best_ap, "args": {k: v for k, v in vars(args).items() if k != "given"},
-                 "rng": states}
+                 **{key: [p[key] for p in gathered] for key in per_process}}
         save_atomically(run.output_dir / "checkpoint.pth", lambda tmp: torch.save(state, tmp))
-        if improved:
+        if also_best:
             save_atomically(run.output_dir / "best.pth", lambda tmp: torch.save(state, tmp))
     if distributed:
         dist.barrier()
-    return best_ap
 
 
 def save_atomically(path: Path, write):
     """`write(tmp)` writes the file's new content to a temporary file, which then replaces `path`:
     a crash never leaves a broken checkpoint, log or plot. A disk that fills up (or any failed
-    write) is one InputError, with the partial file removed and the file already at `path` intact."""
+    write) is one InputError, with the partial file removed and the file already at `path` intact;
+    a stop at once (a second Ctrl-C) removes the partial file too."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:     # torch reports a full disk as a RuntimeError from its writer
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if not isinstance(e, (OSError, RuntimeError)):    # torch reports a full disk as a RuntimeError
+            raise
         kept = f"; the previous {path.name} is intact" if path.exists() else ""
         raise cdetr.InputError(f"{path}: writing failed ({type(e).__name__}: {str(e)[:120]}){kept}; free some "
                                f"space (df -h {path.parent}) and continue with --resume") from None
@@ -524,16 +690,6 @@ def plot_curves(history: list[dict], path: Path):
     fig.tight_layout()
     fig.savefig(path, dpi=80, format="png")   # also to a name without .png: save_atomically's temporary file
     plt.close(fig)
-
-
-def interrupted(run: Run, epoch: int, step: int, main_process: bool):
-    """Ctrl-C: say where the run stopped and the command that continues it; exit status 130."""
-    if main_process:
-        saved = run.output_dir / "checkpoint.pth"
-        print(f"\ninterrupted in epoch {epoch + 1}, step {step}; " + (
-            f"the last finished epoch is saved in {saved}; continue with\n  {resume_command(saved)}"
-            if saved.exists() else "no epoch had finished, so nothing was saved"))
-    sys.exit(130)
 
 
 def resume_command(checkpoint: Path) -> str:

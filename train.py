@@ -88,6 +88,10 @@ def parse_args(argv=None):
                             "head of another size is re-created. Fine-tuning: a lower --lr, and --set train_backbone=none "
                             "to freeze the backbone")
     r.add_argument("--eval-every", type=runs.positive_int, default=1, help="evaluate every N epochs (and after the last)")
+    r.add_argument("--save-every", type=runs.minutes, default=30, metavar="MINUTES",
+                   help="also write checkpoint.pth within an epoch once this many minutes have passed since the last "
+                        "checkpoint (0: at epoch ends only; the built-in run's epochs are shorter). SIGTERM or Ctrl-C "
+                        "saves at the current step and stops with status 143 or 130 (docs/coco-and-gpus.md)")
     args = p.parse_args(argv)
     args.given = runs.given_flags(p, argv, args)    # on --resume, the flags given win over the run's own
     return args
@@ -165,7 +169,7 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   fused=device.type in ("cpu", "cuda"))   # one kernel for all parameters
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_drop, gamma=0.1)
-    start_epoch, best_ap = runs.restore(args, run, model, optimizer, scheduler, rank, world_size, main_process)
+    start_epoch, best_ap, resumed = runs.restore(args, run, model, optimizer, scheduler, rank, world_size, main_process)
     trained_model = evaluated_model = model
     if distributed:
         trained_model = torch.nn.parallel.DistributedDataParallel(
@@ -180,27 +184,28 @@ def main(argv=None):
     val_shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world_size))
     on_gpu = device.type == "cuda"        # pinned host memory lets the copies to the GPU overlap the work
     val_loader = torch.utils.data.DataLoader(val_shard, batch_size=evaluation_batch_size(cfg, cfg.batch_size * 2),
-                                             num_workers=args.num_workers, collate_fn=collate, pin_memory=on_gpu)
+                                             num_workers=args.num_workers, worker_init_fn=runs.ignore_stop_signals,
+                                             collate_fn=collate, pin_memory=on_gpu)
 
-    epoch, steps = start_epoch, 0
-    try:
+    def state(epoch: int, **mid_epoch) -> dict:   # what checkpoint.pth holds (mid_epoch: the step it stopped at)
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(),
+                "epoch": epoch, "config": asdict(cfg), "category_names": train_set.category_names, **mid_epoch}
+
+    with runs.Checkpoints(args, run, best_ap, main_process, distributed, device) as checkpoints:   # SIGTERM, Ctrl-C
         for epoch in range(start_epoch, cfg.epochs):
-            # --- one epoch of training. The data order depends only on (seed, epoch), so that
-            # a resumed run sees the same batches as an uninterrupted one.
-            order = torch.Generator().manual_seed(args.seed * 1000 + epoch)
-            if distributed:
-                sampler = torch.utils.data.DistributedSampler(train_set, seed=args.seed, drop_last=True)
-                sampler.set_epoch(epoch)
-            else:
-                sampler = torch.utils.data.RandomSampler(train_set, generator=order)
-            loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                                                 num_workers=args.num_workers, collate_fn=collate, generator=order,
-                                                 pin_memory=on_gpu)
+            # --- one epoch of training: the samples in an order fixed by (seed, epoch), each process
+            # a share, each sample augmented under a seed of its own (runs.EpochSamples), so that a
+            # resumed run, also one stopped mid-epoch, sees the batches of an uninterrupted one.
+            steps, seen, sums = resumed if epoch == start_epoch else (0, 0, {})   # seen: samples, all processes
+            samples = runs.EpochSamples(train_set, args.seed, epoch, rank, world_size, first=seen)
+            loader = torch.utils.data.DataLoader(samples, batch_size=cfg.batch_size, drop_last=True, collate_fn=collate,
+                                                 num_workers=args.num_workers, worker_init_fn=runs.ignore_stop_signals,
+                                                 pin_memory=on_gpu, generator=torch.Generator())   # not the global one
             trained_model.train()
-            sums, steps, start = {}, 0, time.time()
+            start = time.time()
             bar = tqdm(step_batches(loader, args.gradient_accumulation_steps), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                       total=math.ceil(len(loader) / args.gradient_accumulation_steps), disable=not main_process,
-                       dynamic_ncols=True)
+                       initial=steps, total=steps + math.ceil(len(loader) / args.gradient_accumulation_steps),
+                       disable=not main_process, dynamic_ncols=True)
             for batches in bar:
                 optimizer.zero_grad(set_to_none=True)
                 losses = forward_backward(trained_model, criterion, batches, device, args.amp)
@@ -210,8 +215,10 @@ def main(argv=None):
                 optimizer.step()
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + v
-                steps += 1
+                steps, seen = steps + 1, seen + len(batches) * cfg.batch_size * world_size
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}")
+                # every --save-every minutes, and on SIGTERM or Ctrl-C (then it stops): checkpoint.pth
+                checkpoints.after_step(lambda: state(epoch, step=steps, samples=seen, sums=sums), epoch, steps)
             scheduler.step()
             record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
                       **runs.epoch_losses(sums, steps, distributed), "epoch_time": round(time.time() - start, 1)}
@@ -233,12 +240,8 @@ def main(argv=None):
                     record["eval_time"] = round(time.time() - start, 1)
 
             # --- log.jsonl, curves.png, checkpoint.pth and best.pth (runs.py)
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(),
-                     "epoch": epoch, "config": asdict(cfg), "category_names": train_set.category_names}
-            best_ap = runs.save_epoch(args, run, record, state, best_ap, main_process, distributed)
-    except KeyboardInterrupt:   # Ctrl-C: say how to continue
-        runs.interrupted(run, epoch, steps, main_process)
-    runs.finish(run, best_ap, main_process, distributed)
+            checkpoints.save_epoch(record, state(epoch))
+    runs.finish(run, checkpoints.best_ap, main_process, distributed)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import data
+import runs
 from test_pretrained import Exploit
 from test_train import ROOT, TINY, run, shapes, tiny_checkpoint  # noqa: F401  (shapes is a fixture)
 
@@ -230,11 +231,12 @@ def test_interrupted_run_says_how_to_continue(shapes, tmp_path):
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 130 and "Traceback" not in stderr, (process.returncode, stdout[-1500:], stderr[-1500:])
-    assert "interrupted in epoch" in stdout and f"the last finished epoch is saved in {out / 'checkpoint.pth'}" in stdout
+    at = runs.position(torch.load(out / "checkpoint.pth", weights_only=True))    # mid-epoch, or an epoch's end
+    assert f"stopped by SIGINT after {runs.where(at)}; {out / 'checkpoint.pth'} holds {runs.where(at)}; continue with" \
+        in stdout
     continue_with = stdout.strip().splitlines()[-1].split()
     assert continue_with[-2:] == ["--resume", str(out / "checkpoint.pth")] and "--output-dir" not in continue_with
-    finished = torch.load(out / "checkpoint.pth", weights_only=True)["epoch"]
-    continue_with[continue_with.index("--epochs") + 1] = str(finished + 2)
+    continue_with[continue_with.index("--epochs") + 1] = str(at[0] + 1)
     assert continue_with[:2] == ["python", str(ROOT / "train.py")]
     run("train.py", *continue_with[2:])
-    assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == finished + 1
+    assert runs.position(torch.load(out / "checkpoint.pth", weights_only=True)) == (at[0] + 1, 0)

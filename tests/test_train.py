@@ -9,6 +9,7 @@ import os
 import re
 import runpy
 import shutil
+import signal
 import subprocess
 import sys
 import traceback
@@ -128,6 +129,104 @@ def test_resume_is_exact(shapes, tmp_path):
     assert [r["train_loss"] for r in logs[0]] == [r["train_loss"] for r in logs[1]]
 
 
+def signal_at(monkeypatch, at: tuple[int, int], *numbers: int):
+    """Make the next in-process run send itself these signals during optimizer step at = (epoch,
+    step), epoch 0-based, just before the step's end (as a scheduler or Ctrl-C would, at any time)."""
+    after_step = runs.Checkpoints.after_step
+
+    def signalled(self, state, epoch, step):
+        if (epoch, step) == at:
+            for number in numbers:
+                os.kill(os.getpid(), number)
+        after_step(self, state, epoch, step)
+    monkeypatch.setattr(runs.Checkpoints, "after_step", signalled)
+
+
+def same_weights(path_a: Path, path_b: Path):
+    a, b = (torch.load(path, weights_only=True)["model"] for path in (path_a, path_b))
+    for name, value in a.items():
+        assert torch.equal(value, b[name]), name
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_run_stopped_mid_epoch_resumes_from_that_step_exactly(shapes, tmp_path, monkeypatch, workers):
+    """SIGTERM in epoch 2 (4 steps an epoch here): the step ends, checkpoint.pth is written at
+    it, the run stops with status 143 and the command that continues; resumed, it ends where an
+    uninterrupted run does, with the same loss in the log, with and without loading workers.
+    The checkpoint of that step cannot rewind the finished run."""
+    flags = ["--epochs", "2", "--set", "dropout=0.1", "--num-workers", str(workers)]
+    train_run(shapes, tmp_path / "straight", *flags)
+    out = tmp_path / "split"
+    signal_at(monkeypatch, (1, 2), signal.SIGTERM)
+    stopped = train_run(shapes, out, *flags, check=False)
+    monkeypatch.undo()
+    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    assert "SIGTERM received: stopping after this step" in stopped.stdout
+    assert f"stopped by SIGTERM after epoch 2, step 2; {out / 'checkpoint.pth'} holds epoch 2, step 2; continue with" \
+        in stopped.stdout
+    checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert (checkpoint["epoch"], checkpoint["step"], checkpoint["samples"]) == (1, 2, 8)
+    assert len((out / "log.jsonl").read_text().splitlines()) == 1          # one line per finished epoch
+    shutil.copyfile(out / "checkpoint.pth", out / "step2.pth")
+    continue_with = stopped.stdout.strip().splitlines()[-1].split()
+    assert continue_with[-2:] == ["--resume", str(out / "checkpoint.pth")]
+    run("train.py", *continue_with[2:])
+    same_weights(tmp_path / "straight" / "checkpoint.pth", out / "checkpoint.pth")
+    logs = [[json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()]
+            for d in ("straight", "split")]
+    assert [r["train_loss"] for r in logs[0]] == [r["train_loss"] for r in logs[1]]
+    refused = run("train.py", "--resume", out / "step2.pth", check=False)
+    assert f"ends at epoch 2, step 2, but {out / 'checkpoint.pth'} is at epoch 2: continuing here would rewind" \
+        in refused.stderr
+
+
+def test_a_second_ctrl_c_stops_at_once_and_writes_nothing(shapes, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train_run(shapes, out, "--epochs", "1")
+    finished = (out / "checkpoint.pth").read_bytes()
+    signal_at(monkeypatch, (1, 2), signal.SIGINT, signal.SIGINT)
+    result = train_run(shapes, out, "--epochs", "2", "--resume", out / "checkpoint.pth", check=False)
+    assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"stopped by SIGINT after epoch 2, step 1, saving nothing; {out / 'checkpoint.pth'} holds epoch 1" \
+        in result.stdout
+    assert (out / "checkpoint.pth").read_bytes() == finished
+    assert sorted(p.name for p in out.iterdir()) == ["best.pth", "checkpoint.pth", "curves.png", "log.jsonl"]
+
+
+# A run that writes a checkpoint after every step (--save-every, a tiny number of minutes) and is
+# killed (SIGKILL, which no program can catch) halfway through writing the one of epoch 2, step 2.
+KILLED_WHILE_SAVING = """
+import os, signal, sys, torch
+sys.path.insert(0, {root!r})
+import runs, train
+save = torch.save
+def dying_save(state, path):
+    if state.get("epoch") == 1 and state.get("step") == 2:
+        with open(path, "wb") as f:
+            f.write(b"the first half of a checkpoint")
+            f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    save(state, path)
+torch.save = dying_save
+with runs.report_input_errors():
+    train.main()
+"""
+
+
+def test_a_kill_while_saving_mid_epoch_keeps_the_previous_checkpoint(shapes, tmp_path):
+    out = tmp_path / "run"
+    probe = tmp_path / "probe.py"
+    probe.write_text(KILLED_WHILE_SAVING.format(root=str(ROOT)))
+    result = subprocess.run([sys.executable, str(probe), "--shapes-dir", str(shapes), "--output-dir", str(out), *TINY,
+                             "--epochs", "2", "--save-every", "1e-9"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    assert (out / "checkpoint.pth.tmp").read_bytes() == b"the first half of a checkpoint"
+    kept = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert (kept["epoch"], kept["step"]) == (1, 1)       # the step before: a mid-epoch checkpoint, whole
+    run("train.py", "--resume", out / "checkpoint.pth")
+    assert runs.position(torch.load(out / "checkpoint.pth", weights_only=True)) == (2, 0)
+
+
 def test_non_finite_loss_stops_and_keeps_the_checkpoint(shapes, tmp_path):
     out = tmp_path / "run"
     train_run(shapes, out, "--epochs", "1")
@@ -181,6 +280,23 @@ with runs.report_input_errors(), runs.one_report_for_all_processes():
 """
 
 
+# SIGTERM reaches one process only (rank 1), during epoch 2's first step: both save nothing but
+# the main process's one checkpoint at that step, and stop there.
+STOPPED_THROUGH_ONE_PROCESS = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import runs, train
+after_step = runs.Checkpoints.after_step
+def signalled(self, state, epoch, step):
+    if (epoch, step) == (1, 1) and os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGTERM)
+    after_step(self, state, epoch, step)
+runs.Checkpoints.after_step = signalled
+with runs.report_input_errors(), runs.one_report_for_all_processes():
+    train.main()
+"""
+
+
 def reported_once(result, expected: str):
     """torchrun failed; our processes printed one error line, `expected`, and no traceback: the
     one traceback left is torchrun's own closing ChildFailedError, whose summary quotes it."""
@@ -220,6 +336,19 @@ def test_torchrun_two_cpu_processes_evaluate_with_the_saved_weights(shapes, tmp_
     assert len(torch.load(halfway / "checkpoint.pth", weights_only=True)["rng"]) == 2
     run("train.py", "--resume", halfway / "checkpoint.pth", "--epochs", "2", launcher=(*TORCHRUN, "--master_port=29584"))
     resumed = torch.load(halfway / "checkpoint.pth", weights_only=True)["model"]
+    for name, tensor in saved.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+
+    # stopped within epoch 2 through one process: every process stops after the same step, one
+    # checkpoint holds it with both processes' random states, and the resumed run ends as above
+    probe.write_text(STOPPED_THROUGH_ONE_PROCESS.format(root=str(ROOT)))
+    stopped = run(probe, "--shapes-dir", shapes, "--output-dir", tmp_path / "stopped", *TINY, "--epochs", "2",
+                  "--device", "cpu", check=False, launcher=(*TORCHRUN, "--master_port=29585"))
+    assert stopped.stdout.count("stopped by SIGTERM after epoch 2, step 1;") == 1, stopped.stdout[-3000:]
+    checkpoint = torch.load(tmp_path / "stopped" / "checkpoint.pth", weights_only=True)
+    assert (checkpoint["epoch"], checkpoint["step"], len(checkpoint["rng"]), len(checkpoint["sums"])) == (1, 1, 2, 2)
+    run("train.py", "--resume", tmp_path / "stopped" / "checkpoint.pth", launcher=(*TORCHRUN, "--master_port=29586"))
+    resumed = torch.load(tmp_path / "stopped" / "checkpoint.pth", weights_only=True)["model"]
     for name, tensor in saved.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
 
@@ -620,3 +749,9 @@ def test_loading_a_checkpoint_downloads_nothing(shapes, tmp_path, monkeypatch):
     for folder, made in (("evaluated", "metrics.json"), ("detected", "photo.png"), ("explained", "photo.png.html"),
                          ("tuned", "checkpoint.pth")):
         assert (tmp_path / folder / made).exists(), (folder, made)
+
+
+def test_save_every_takes_minutes():
+    result = run("train.py", "--save-every", "soon", check=False)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: argument --save-every: must be a number of minutes, 0 or more, not 'soon'; see train.py --help"]
