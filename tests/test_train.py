@@ -167,6 +167,7 @@ def test_a_run_stopped_mid_epoch_resumes_from_that_step_exactly(shapes, tmp_path
     checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)
     assert (checkpoint["epoch"], checkpoint["step"], checkpoint["samples"]) == (1, 2, 8)
     assert len((out / "log.jsonl").read_text().splitlines()) == 1          # one line per finished epoch
+    assert runs.position(torch.load(out / "best.pth", weights_only=True)) == (1, 0)   # an evaluated epoch's end
     shutil.copyfile(out / "checkpoint.pth", out / "step2.pth")
     continue_with = stopped.stdout.strip().splitlines()[-1].split()
     assert continue_with[-2:] == ["--resume", str(out / "checkpoint.pth")]
