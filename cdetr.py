@@ -97,7 +97,7 @@ class Config:
     pretrained_backbone: bool = False     # a new run starts from ImageNet weights (train.py downloads them)
     train_backbone: str = "layer2-4"      # "layer2-4" (official), "all" (from scratch), "none"
     frozen_batchnorm: bool = True         # False: ordinary BatchNorm, for from-scratch training
-    backbone_stages: int = 4              # 4: C5 features (stride 32); 3: C4 (stride 16)
+    backbone_stages: int = 4              # 4: C5 features (stride 32); 3: C4 (stride 16); 2: C3 (stride 8)
     # transformer
     hidden_dim: int = 256
     nheads: int = 8
@@ -124,6 +124,7 @@ class Config:
     # data and optimisation (used by data.py and train.py)
     image_size: int = 800                 # validation shorter side; training scales 480..800 with it
     max_size: int = 0                     # longer side at most this; 0: 1333 x image_size / 800 (the recipe's)
+    augment: str = "paper"                # training images: "paper" (flips, multi-scale resizes, crops), "flip" (flips only)
     lr: float = 1e-4
     lr_backbone: float = 1e-5
     weight_decay: float = 1e-4
@@ -142,7 +143,8 @@ class Config:
             (self.train_backbone in ("layer2-4", "all", "none"), f"train_backbone must be 'layer2-4', 'all' or 'none', not {self.train_backbone!r}"),
             (self.hidden_dim % self.nheads == 0, f"hidden_dim {self.hidden_dim} is not divisible by nheads {self.nheads}"),
             (self.hidden_dim % 4 == 0, f"hidden_dim {self.hidden_dim} must be a multiple of 4 (sin/cos pairs for x and y)"),
-            (self.backbone_stages in (3, 4), f"backbone_stages must be 3 or 4, not {self.backbone_stages}"),
+            (self.backbone_stages in (2, 3, 4), f"backbone_stages must be 2, 3 or 4, not {self.backbone_stages}"),
+            (self.augment in ("paper", "flip"), f"augment must be 'paper' or 'flip', not {self.augment!r}"),
             (not (self.dilation and self.backbone_stages != 4), "dilation (DC5) needs backbone_stages=4"),
             (not (self.dilation and self.backbone in ("resnet18", "resnet34")), f"{self.backbone} has basic blocks, which torchvision cannot dilate (DC5)"),
             (self.image_size >= 1 and self.max_size >= 0, f"image_size must be at least 1 and max_size at least 0 (0: the recipe's), not {self.image_size} and {self.max_size}"),

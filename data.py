@@ -115,20 +115,25 @@ def _to_normalized_tensor() -> list:
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
 
 
-def make_transforms(train: bool, image_size: int = 800, max_size: int = 0) -> v2.Compose:
+def make_transforms(train: bool, image_size: int = 800, max_size: int = 0, augment: str = "paper") -> v2.Compose:
     """The paper's recipe for image_size=800: training flips, then either resizes the shorter
     side to one of 480, 512, ..., 800 (longer side at most 1333), or resizes to 400/500/600,
     crops 384..600 and does the multi-scale resize; validation resizes to 800 (max 1333).
     Other image sizes scale every number by image_size / 800; `max_size`, when not 0, replaces
-    the longer side's limit (longest_side). Callable on (PIL image, {"boxes": BoundingBoxes,
-    "labels": ...}); returns a normalized float tensor and the dict."""
+    the longer side's limit (longest_side). [ours] augment="flip": training only flips, and
+    resizes as validation does (for data of one size, such as the built-in shapes). Callable
+    on (PIL image, {"boxes": BoundingBoxes, "labels": ...}); returns a normalized float tensor
+    and the dict."""
     s = image_size / 800
     scaled = lambda sizes: [max(1, round(x * s)) for x in sizes]  # noqa: E731
     max_size = longest_side(image_size, max_size)
     multi_scale = RandomResize(scaled(range(480, 801, 32)), max_size=max_size)
     finish = [v2.ClampBoundingBoxes(), KeepBoxesWithArea(), *_to_normalized_tensor()]
+    resize = RandomResize([image_size], max_size=max_size)
     if not train:
-        return v2.Compose([RandomResize([image_size], max_size=max_size)] + finish)
+        return v2.Compose([resize] + finish)
+    if augment == "flip":
+        return v2.Compose([v2.RandomHorizontalFlip(), resize] + finish)
     crop_then_resize = v2.Compose([RandomResize(scaled([400, 500, 600])),
                                    RandomSizeCrop(*scaled([384, 600])), multi_scale])
     return v2.Compose([v2.RandomHorizontalFlip(), v2.RandomChoice([multi_scale, crop_then_resize])] + finish)
@@ -212,10 +217,10 @@ class CocoDetection(torch.utils.data.Dataset):
 
 
 def build_dataset(images_dir, annotation_file, train: bool, image_size: int = 800, max_size: int = 0,
-                  **kwargs) -> CocoDetection:
-    """A CocoDetection with the paper's training or validation transforms at `image_size`
-    (and `max_size`, see make_transforms)."""
-    return CocoDetection(images_dir, annotation_file, make_transforms(train, image_size, max_size), **kwargs)
+                  augment: str = "paper", **kwargs) -> CocoDetection:
+    """A CocoDetection with the training or validation transforms at `image_size` (and
+    `max_size` and `augment`, see make_transforms)."""
+    return CocoDetection(images_dir, annotation_file, make_transforms(train, image_size, max_size, augment), **kwargs)
 
 
 def compile_padding(image_size: int, max_size: int = 0) -> int:

@@ -148,8 +148,8 @@ def main(argv=None):
     # --- data: the paper's augmentation for training, one fixed resize for validation (data.py)
     runs.seed_everything(args.seed + rank)
     train_set = data.build_dataset(args.train_images, args.train_annotations, train=True, image_size=cfg.image_size,
-                                   max_size=cfg.max_size, subset=args.subset, subset_seed=args.subset_seed,
-                                   skip_bad_images=args.skip_bad_images)
+                                   max_size=cfg.max_size, augment=cfg.augment, subset=args.subset,
+                                   subset_seed=args.subset_seed, skip_bad_images=args.skip_bad_images)
     val_set = data.build_dataset(args.val_images, args.val_annotations, train=False, image_size=cfg.image_size,
                                  max_size=cfg.max_size, skip_bad_images=args.skip_bad_images)
     cfg = runs.check_data(args, run, cfg, train_set, val_set, world_size, main_process)   # categories, class count

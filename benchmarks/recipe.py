@@ -1,0 +1,113 @@
+"""What each change to the built-in run buys, measured one run after another on this machine.
+
+    python benchmarks/recipe.py                  # every step, seed 42; the last also seeds 1 and 2 (about 45 minutes on 2 cores)
+    python benchmarks/recipe.py --steps today "64 px, stride 8" --final-seeds
+
+Runs `python train.py` on the built-in shapes data: first as it is (the tiny preset), then with
+one change more at each step, the last step being a candidate for a much faster default run.
+Each run starts from no data (train.py generates it, as in a fresh clone, or `data.py shapes`
+does, for the steps that draw it at another size) and is timed whole: start-up, data
+generation, training and every evaluation. For each run: training steps per
+second, the optimizer steps and the seconds until the validation AP first reaches 0.1 and 0.5
+(at the end of that epoch's evaluation), the last AP and the whole wall time. Writes
+benchmarks/results/recipe.json with the machine (CPU model, cores, torch version, commit). Run it
+on an otherwise idle machine: the times are this machine's.
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from convergence import first_epoch_reaching, train_run  # noqa: E402
+
+# name: (what this step changes, `data.py shapes` arguments for its data (None: train.py's own,
+# generated on first use), train.py arguments it adds to the steps before it)
+STEPS = {
+    "today": ("the tiny preset as it is: 128 px, ResNet-18 to stride 16, 30 queries, batch 4, 14 epochs", None, []),
+    "64 px, stride 8": ("the shapes drawn at 64 px (sides 10 to 30 px), the backbone cut at stride 8 (the same "
+                        "8 x 8 map), 12 queries, feed-forward 256", ["--size", "64", "--min-side", "10", "--max-side", "30"],
+                        ["--image-size", "64", "--set", "backbone_stages=2", "num_queries=12", "dim_feedforward=256"]),
+    "no dropout": ("dropout 0 instead of 0.1", None, ["--set", "dropout=0"]),
+    "batch 16": ("batch 16 at lr 4e-4 (backbone too) instead of batch 4 at 2e-4", None,
+                 ["--batch-size", "16", "--lr", "4e-4", "--lr-backbone", "4e-4"]),
+    "flips only": ("training augmentation: flips only, no multi-scale resizes or crops", None, ["--set", "augment=flip"]),
+    "10 epochs": ("10 epochs, lr / 10 after 8, instead of 14 and 11", None, ["--epochs", "10", "--set", "lr_drop=8"]),
+}
+LEVELS = (0.1, 0.5)
+
+
+def machine() -> dict:
+    """The CPU model, its cores, torch's threads and version, and the commit measured."""
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
+        else platform.processor()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
+    return {"cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "commit": commit}
+
+
+def measure(out: Path, log: list[dict], wall: float) -> dict:
+    """One run's row from its folder, log and wall time: the seconds before the first epoch
+    (start-up and data generation) are the wall time less every epoch's training and evaluation."""
+    checkpoint = torch.load(out / "checkpoint.pth", weights_only=True, mmap=True)
+    train_images = len(json.loads(Path(checkpoint["args"]["train_annotations"]).read_text())["images"])
+    steps_per_epoch = train_images // checkpoint["config"]["batch_size"]
+    busy = [r["epoch_time"] + r.get("eval_time", 0.0) for r in log]
+    startup = wall - sum(busy)
+    row = {"epochs": len(log), "steps_per_epoch": steps_per_epoch,
+           "steps_per_second": round(steps_per_epoch * len(log) / sum(r["epoch_time"] for r in log), 2),
+           "AP": [round(r["AP"], 4) for r in log], "last_AP": round(log[-1]["AP"], 4), "wall_seconds": round(wall, 1)}
+    for level in LEVELS:
+        epoch = first_epoch_reaching([r["AP"] for r in log], level)
+        row[f"to_{level}"] = None if epoch is None else {
+            "epoch": epoch, "steps": epoch * steps_per_epoch, "seconds": round(startup + sum(busy[:epoch]), 1)}
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", nargs="+", choices=list(STEPS), default=list(STEPS),
+                        help="which steps to run (each keeps the changes of the steps before it in STEPS)")
+    parser.add_argument("--final-seeds", type=int, nargs="*", default=[1, 2],
+                        help="more seeds for the last step (every step runs seed 42)")
+    parser.add_argument("--runs-dir", default="runs/recipe", help="train.py output folders and data go here")
+    parser.add_argument("--out", default=str(HERE / "results" / "recipe.json"))
+    args = parser.parse_args()
+
+    start, rows, flags, shapes_args = time.time(), [], [], None
+    names = list(STEPS)
+    for name in names[:names.index(args.steps[-1]) + 1]:
+        flags, shapes_args = flags + STEPS[name][2], STEPS[name][1] or shapes_args
+        if name not in args.steps:
+            continue
+        for seed in [42, *(args.final_seeds if name == args.steps[-1] else [])]:
+            runs_dir = HERE.parent / args.runs_dir                # train_run works in the repository's root
+            shapes, out = runs_dir / "shapes", runs_dir / f"{name.replace(' ', '_').replace(',', '')}-seed{seed}"
+            shutil.rmtree(shapes, ignore_errors=True)        # generated again inside the timing
+            began = time.time()
+            if shapes_args:
+                subprocess.run([sys.executable, str(HERE.parent / "data.py"), "shapes", "--out", str(shapes),
+                                *shapes_args], check=True)
+            log = train_run(out, ["--shapes-dir", str(shapes), "--seed", str(seed), *flags], 0, False, start)
+            rows.append({"step": name, "change": STEPS[name][0], "seed": seed, "shapes_args": shapes_args,
+                         "train_args": flags, **measure(out, log, time.time() - began)})
+            row = rows[-1]
+            print(f"{name} (seed {seed}): {row['steps_per_second']} steps/s, AP 0.1 at "
+                  f"{row['to_0.1'] and row['to_0.1']['seconds']} s, 0.5 at {row['to_0.5'] and row['to_0.5']['seconds']} s,"
+                  f" last AP {row['last_AP']}, {row['wall_seconds']} s in all", flush=True)
+    Path(args.out).write_text(json.dumps({"machine": machine(), "runs": rows}, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
