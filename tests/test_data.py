@@ -145,6 +145,23 @@ def test_max_size_caps_the_longer_side_in_training_validation_and_prepare():
         cdetr.preset("tiny", max_size=-1)
 
 
+def test_flip_only_augmentation_resizes_as_validation_and_flips_some_images():
+    image = Image.new("RGB", (200, 100))
+    target = {"boxes": boxes_xyxy([[20, 10, 60, 50]], (100, 200)), "labels": torch.tensor([1])}
+    validation = data.make_transforms(train=False, image_size=64)(image, target)[1]["boxes"].as_subclass(torch.Tensor)
+    flipped = validation.clone()
+    flipped[:, [0, 2]] = 108 - validation[:, [2, 0]]
+    torch.manual_seed(0)
+    transform = data.make_transforms(train=True, image_size=64, augment="flip")
+    seen = []
+    for _ in range(20):
+        out_image, out = transform(image, target)
+        assert tuple(out_image.shape[-2:]) == (54, 108)
+        boxes = out["boxes"].as_subclass(torch.Tensor)
+        seen.append("kept" if torch.allclose(boxes, validation) else "flipped" if torch.allclose(boxes, flipped) else "other")
+    assert {"kept", "flipped"} == set(seen)
+
+
 def test_validation_transform_is_deterministic_resize():
     transform = data.make_transforms(train=False, image_size=64)
     image = Image.new("RGB", (200, 100))

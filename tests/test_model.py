@@ -128,10 +128,21 @@ def test_masked_cells_are_ignored():
     (dict(hidden_dim=64, nheads=5), "not divisible by nheads"),
     (dict(backbone="resnet18", dilation=True), "cannot dilate"),
     (dict(train_backbone="some"), "train_backbone"),
+    (dict(backbone_stages=1), "backbone_stages must be 2, 3 or 4"),
+    (dict(augment="crops"), "augment must be 'paper' or 'flip'"),
 ])
 def test_bad_config(overrides, message):
     with pytest.raises(ValueError, match=message):
         cdetr.Config(**overrides)
+
+
+@pytest.mark.parametrize("stages, stride, channels", [(2, 8, 128), (3, 16, 256), (4, 32, 512)])
+def test_the_backbone_is_cut_after_the_stage_asked_for(stages, stride, channels):
+    cfg = cdetr.preset("tiny", num_classes=4, backbone_stages=stages)
+    backbone = cdetr.Backbone(cfg).eval()
+    features, mask = backbone(torch.randn(1, 3, 64, 96), torch.zeros(1, 64, 96, dtype=torch.bool))
+    assert backbone.num_channels == channels and features.shape == (1, channels, 64 // stride, 96 // stride)
+    assert mask.shape == (1, 64 // stride, 96 // stride)
 
 
 def test_unknown_preset():
