@@ -304,11 +304,13 @@ def test_a_crash_names_the_students_line_and_an_endless_loop_is_stopped(tmp_path
 
 
 def test_the_gradescope_zip_grades_without_the_repository(tmp_path):
-    names = make_autograder.build(tmp_path / "autograder.zip")
+    names = make_autograder.build(tmp_path / "autograder.zip", seed=5)
     assert sorted(names) == ["cases.pt", "check.py", "expected.pt", "run_autograder", "setup.sh"]
     root = tmp_path / "autograder"
     with zipfile.ZipFile(tmp_path / "autograder.zip") as zf:
         zf.extractall(root / "source")
+    for name in ("cases.pt", "expected.pt"):     # the teacher's cases, not the students'
+        assert (root / "source" / name).read_bytes() != (EXERCISES / name).read_bytes()
     (root / "submission").mkdir()
     (root / "submission" / "my_answers.py").write_text((EXERCISES / "solutions.py").read_text())
     env = {**os.environ, "AUTOGRADER_ROOT": str(root), "PYTHON": sys.executable, "PYTHONPATH": ""}
@@ -321,6 +323,82 @@ def test_the_gradescope_zip_grades_without_the_repository(tmp_path):
     subprocess.run(["bash", str(root / "source" / "run_autograder")], capture_output=True, env=env, check=True)
     report = json.loads((root / "results" / "results.json").read_text())
     assert report["score"] == 0 and "SyntaxError" in report["output"]
+
+
+# A submission that answers 1a and 1b from a table of the hand-out's cases and answers, embedded
+# in the file itself (the grader refuses to open expected.pt for it), and zeros otherwise.
+ANSWERS_FROM_THE_HANDOUT = """
+import torch
+TABLE_1A = {table_1a!r}
+TABLE_1B = {table_1b!r}
+
+def _tensor(flat, shape):
+    return torch.tensor(flat, dtype=torch.float32).reshape(shape)
+
+def _look_up(table, *inputs):
+    for row in table:
+        keys = [_tensor(*k) for k in row[:len(inputs)]]
+        if all(k.shape == x.shape and torch.equal(k, x) for k, x in zip(keys, inputs)):
+            return [_tensor(*v) for v in row[len(inputs):]]
+    return None
+
+def box_cxcywh_to_xyxy(boxes):
+    found = _look_up(TABLE_1A, boxes)
+    return found[0] if found else torch.zeros_like(boxes)
+
+def box_xyxy_to_cxcywh(boxes):
+    found = _look_up(TABLE_1A, boxes)
+    return found[1] if found else torch.zeros_like(boxes)
+
+def generalized_box_iou(boxes1, boxes2):
+    found = _look_up(TABLE_1B, boxes1, boxes2)
+    return found[0] if found else torch.zeros(len(boxes1), len(boxes2))
+"""
+
+
+def test_a_file_that_answers_from_the_handout_scores_nothing_through_the_teachers_build(tmp_path):
+    """It scores on the students' own cases, as any table would; the teacher's zip grades on
+    cases of another draw, where it scores nothing, while solutions.py scores full marks on
+    draws of any seed (make_autograder.build refuses to write a zip otherwise)."""
+    import torch
+    cases, expected = (torch.load(EXERCISES / name, weights_only=True) for name in ("cases.pt", "expected.pt"))
+    flat = lambda t: (t.flatten().tolist(), tuple(t.shape))  # noqa: E731
+    table_1a = [(flat(c["boxes"]), flat(e["box_cxcywh_to_xyxy"]), flat(e["box_xyxy_to_cxcywh"]))
+                for c, e in zip(cases["1a box conversion"], expected["1a box conversion"])]
+    table_1b = [(flat(c["boxes1"]), flat(c["boxes2"]), flat(e))
+                for c, e in zip(cases["1b generalized IoU"], expected["1b generalized IoU"])]
+    cheat = tmp_path / "cheat.py"
+    cheat.write_text(ANSWERS_FROM_THE_HANDOUT.format(table_1a=table_1a, table_1b=table_1b))
+    on_the_handout = {name: status for name, status, _ in check.grade(str(cheat), ["1a box conversion", "1b generalized IoU"])[0]}
+    assert on_the_handout == {"1a box conversion": "correct", "1b generalized IoU": "correct"}
+    for seed in (5, 77):
+        make_autograder.build(tmp_path / f"autograder{seed}.zip", seed=seed)   # solutions.py: full marks, or no zip
+        source = tmp_path / f"source{seed}"
+        with zipfile.ZipFile(tmp_path / f"autograder{seed}.zip") as zf:
+            zf.extractall(source)
+        graded = subprocess.run([sys.executable, str(source / "check.py"), "--module", str(cheat), "1a", "1b",
+                                 "--json", str(source / "results.json")], capture_output=True, text=True, cwd=tmp_path)
+        report = json.loads((source / "results.json").read_text())
+        assert report["score"] == 0, graded.stdout
+
+
+def test_the_handout_command_leaves_out_every_answer_and_still_grades(tmp_path):
+    """The teacher's README's one command, run as written (the committed tree): no solutions,
+    answer key, fixture maker or test file with answers in the copy; its grader still runs."""
+    readme = (EXERCISES / "README.md").read_text()
+    command = next(line for line in readme.splitlines() if line.startswith("mkdir handout && git archive"))
+    handout = tmp_path / "handout"
+    subprocess.run(["bash", "-c", command.replace("handout", str(handout))], cwd=EXERCISES.parent.parent, check=True)
+    kept = {str(p.relative_to(handout)) for p in handout.rglob("*") if p.is_file()}
+    for left_out in ("tutorial/exercises/solutions.py", "tutorial/exercises/answers.md", "tutorial/exercises/make_fixtures.py",
+                     "tutorial/exercises/make_autograder.py", "tests/test_exercises.py"):
+        assert left_out not in kept
+    assert {"cdetr.py", "train.py", "tutorial/exercises/exercises.py", "tutorial/exercises/check.py",
+            "tutorial/exercises/cases.pt", "tutorial/exercises/expected.pt"} <= kept
+    graded = subprocess.run([sys.executable, "check.py", "1a"], cwd=handout / "tutorial" / "exercises",
+                            capture_output=True, text=True)
+    assert graded.returncode == 0 and "1a box conversion" in graded.stdout and "not implemented" in graded.stdout, \
+        graded.stdout + graded.stderr
 
 
 def test_the_capstone_puts_the_students_code_in_place_and_starts_from_the_same_weights():

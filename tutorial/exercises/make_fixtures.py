@@ -100,11 +100,15 @@ def pixel_box(image: torch.Tensor, value: int) -> list[float]:
     return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
 
 
-def box_transform_cases() -> tuple[list, list]:
+def box_transform_cases(draw: int = 0) -> tuple[list, list]:
     """Rectangles painted into an image; the boxes after a flip or an integer upscale are read
-    from the transformed pixels, so the answer is "where the pixels went", not a formula."""
+    from the transformed pixels, so the answer is "where the pixels went", not a formula.
+    Another draw moves the first two rectangles by up to a pixel (they stay disjoint, inside)."""
     H, W = 24, 40
     rects = [(3, 2, 15, 9), (20, 10, 38, 23), (0, 12, 3, 24)]         # x0, y0, x1, y1 in pixel edges, disjoint
+    if draw:
+        shifts = torch.randint(-1, 2, (2, 2), generator=torch.Generator().manual_seed(draw)).tolist()
+        rects = [(x0 + dx, y0 + dy, x1 + dx, y1 + dy) for (x0, y0, x1, y1), (dx, dy) in zip(rects, shifts)] + rects[2:]
     image = torch.zeros(H, W, dtype=torch.int64)
     for value, (x0, y0, x1, y1) in enumerate(rects, 1):
         image[y0:y1, x0:x1] = value
@@ -124,9 +128,10 @@ def box_transform_cases() -> tuple[list, list]:
     return cases, expected
 
 
-def coco_cases() -> tuple[list, list]:
+def coco_cases(draw: int = 0) -> tuple[list, list]:
     """Hand-made ground truth and detections: exact hits, boxes off by a little and by a lot,
-    a wrong class, a false positive with a high score, a missed object."""
+    a wrong class, a false positive with a high score, a missed object. Another draw moves each
+    detection by up to 3 pixels and changes its score by up to 0.04."""
     images = [{"id": i, "width": 200, "height": 150, "file_name": f"{i}.png"} for i in (1, 2, 3)]
     boxes = [(1, 1, [10, 10, 50, 40]), (1, 2, [100, 60, 60, 60]), (2, 1, [20, 30, 80, 50]), (3, 2, [5, 5, 40, 100]),
              (3, 1, [120, 20, 60, 40])]
@@ -146,20 +151,26 @@ def coco_cases() -> tuple[list, list]:
             {"image_id": a["image_id"], "category_id": a["category_id"], "score": 0.5 + 0.1 * a["id"],
              "bbox": [a["bbox"][0], a["bbox"][1], a["bbox"][2] * (1.3 if a["id"] == 4 else 1), a["bbox"][3]]}
             for a in annotations]}
+    if draw:
+        g = torch.Generator().manual_seed(draw)
+        for detections in detection_sets.values():
+            for d in detections:
+                d["bbox"] = [v + int(torch.randint(-3, 4, (), generator=g)) * (i < 2) for i, v in enumerate(d["bbox"])]
+                d["score"] = round(d["score"] + float(torch.rand((), generator=g)) * 0.08 - 0.04, 4)
     cases = [{"label": label, "ground_truth": json.dumps(ground_truth), "detections": json.dumps(detections)}
              for label, detections in detection_sets.items()]
     expected = [{"coco_ap": check.reference_coco_ap(ground_truth, detections)} for detections in detection_sets.values()]
     return cases, expected
 
 
-def decoder_layer_cases() -> tuple[list, list]:
+def decoder_layer_cases(draw: int = 0) -> tuple[list, list]:
     """cdetr.DecoderLayer with random weights (biases and LayerNorms too, so that no term can
     be left out unnoticed), the first layer and a later one."""
     cases, expected = [], []
     cfg = tiny_cfg(dim_feedforward=64)
-    g = torch.Generator().manual_seed(12)
+    g = torch.Generator().manual_seed(draw + 12)
     for is_first in (True, False):
-        torch.manual_seed(12 + is_first)
+        torch.manual_seed(draw + 12 + is_first)
         layer = cdetr.DecoderLayer(cfg, is_first).eval()
         with torch.no_grad():
             for p in layer.parameters():
@@ -177,19 +188,24 @@ def decoder_layer_cases() -> tuple[list, list]:
     return cases, expected
 
 
-def main():
+def make(seed: int = 0) -> tuple[dict, dict]:
+    """Every exercise's cases and answers ({name: [case, ...]}, {name: [answer, ...]}), drawn
+    with `seed`: main() writes the hand-out's (cases.pt, expected.pt) with seed 0;
+    make_autograder.py draws the teacher's with another, so that the cases a submission is
+    graded on are not the ones students have."""
+    draw = 1000 * seed
     cases, expected = {}, {}
 
     def add(name, case_list, expected_list):
         cases[name], expected[name] = case_list, expected_list
 
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(draw + 1)
     boxes = [torch.rand(*shape, generator=g) + torch.tensor([0, 0, 0.1, 0.1]) for shape in [(7, 4), (2, 3, 4), (0, 4)]]
     add("1a box conversion", [{"label": f"boxes {tuple(b.shape)}", "boxes": b} for b in boxes],
         [{"box_cxcywh_to_xyxy": box_convert(b, "cxcywh", "xyxy"), "box_xyxy_to_cxcywh": box_convert(b, "xyxy", "cxcywh")}
          for b in boxes])
 
-    g = torch.Generator().manual_seed(2)
+    g = torch.Generator().manual_seed(draw + 2)
     a, b = box_convert(random_boxes(6, g), "cxcywh", "xyxy"), box_convert(random_boxes(4, g), "cxcywh", "xyxy")
     far = torch.tensor([[0.9, 0.9, 0.95, 0.95]])
     pairs = {"random": (a, b), "with a disjoint box": (a, torch.cat([b, far])), "a box with itself": (a[:1], a[:1]),
@@ -197,19 +213,20 @@ def main():
     add("1b generalized IoU", [{"label": k, "boxes1": x, "boxes2": y} for k, (x, y) in pairs.items()],
         [torchvision_giou(x, y) for x, y in pairs.values()])
 
-    masks = [(padded_mask(1, 5, 7), 16), (padded_mask(3, 6, 8), 32)]
+    grow = torch.randint(1, 3, (2, 2), generator=torch.Generator().manual_seed(draw)).tolist() if draw else [[0, 0]] * 2
+    masks = [(padded_mask(1, 5 + grow[0][0], 7 + grow[0][1]), 16), (padded_mask(3, 6 + grow[1][0], 8 + grow[1][1]), 32)]
     add("2 key position encoding", [{"label": f"mask {tuple(m.shape)}, dim {d}", "mask": m, "dim": d} for m, d in masks],
         [cdetr.key_position_encoding(m, d) for m, d in masks])
 
-    g = torch.Generator().manual_seed(3)
+    g = torch.Generator().manual_seed(draw + 3)
     points = [(torch.rand(2, 7, 2, generator=g), 64), (torch.rand(5, 2, generator=g), 16)]
     add("3 reference point embedding",
         [{"label": f"points {tuple(p.shape)}, dim {d}", "points": p, "dim": d} for p, d in points],
         [cdetr.reference_point_embedding(p, d) for p, d in points])
 
-    torch.manual_seed(4)
+    torch.manual_seed(draw + 4)
     decoder = cdetr.ConditionalDETR(tiny_cfg()).decoder
-    g = torch.Generator().manual_seed(4)
+    g = torch.Generator().manual_seed(draw + 4)
     f, p_s = torch.randn(2, 12, 32, generator=g), torch.randn(2, 12, 32, generator=g)
     scale = [t.detach() for layer in decoder.query_scale.layers for t in (layer.weight, layer.bias)]
     with torch.no_grad():
@@ -226,16 +243,16 @@ def main():
         g = torch.Generator().manual_seed(seed)
         return [torch.randn(batch, n, dim, generator=g) for n in (5, 5, 12, 12, 12)]
 
-    head_cases = [{"label": f"batch {b}" + (", padded keys" if b > 1 else ""), "inputs": attention_inputs(b, 8, 5),
+    head_cases = [{"label": f"batch {b}" + (", padded keys" if b > 1 else ""), "inputs": attention_inputs(b, 8, draw + 5),
                    "mask": padded_mask(b, 3, 4).flatten(1) if b > 1 else None} for b in (1, 3)]
     add("5a one head of cross-attention", head_cases,
         [attention_reference(*c["inputs"], 1, c["mask"]) for c in head_cases])
     all_cases = [{"label": f"batch {b}, {nh} heads" + (", padded keys" if b > 1 else ""),
-                  "inputs": attention_inputs(b, 32, 6), "nheads": nh, "mask": padded_mask(b, 3, 4).flatten(1) if b > 1 else None}
+                  "inputs": attention_inputs(b, 32, draw + 6), "nheads": nh, "mask": padded_mask(b, 3, 4).flatten(1) if b > 1 else None}
                  for b, nh in [(1, 4), (3, 8)]]
     add("5b all heads", all_cases, [attention_reference(*c["inputs"], c["nheads"], c["mask"]) for c in all_cases])
 
-    torch.manual_seed(7)
+    torch.manual_seed(draw + 7)
     model = cdetr.ConditionalDETR(tiny_cfg()).eval()
     raw = []
     hook = model.bbox_embed.register_forward_hook(lambda m, args, out: raw.append(out))
@@ -249,7 +266,7 @@ def main():
           "reference": out["reference_points"], "edge": edge}],
         [{"box_from_reference": out["pred_boxes"], "inverse_sigmoid": cdetr.inverse_sigmoid(edge)}])
 
-    g = torch.Generator().manual_seed(8)
+    g = torch.Generator().manual_seed(draw + 8)
     focal = []
     for logits, kwargs in [(torch.randn(10, 6, generator=g) * 3, dict(alpha=0.25, gamma=2.0)),
                            (torch.randn(8, 9, generator=g) * 3, dict(alpha=0.4, gamma=1.5))]:
@@ -264,21 +281,24 @@ def main():
     match_cases, match_expected = [], []
     for batch, classes, kwargs in [(1, 5, {}), (3, 9, {}),
                                    (3, 9, dict(cost_class=6.0, cost_bbox=1.0, cost_giou=1.5, alpha=0.4))]:
-        outputs, targets = model_outputs(batch, classes, seed=9 + batch + len(kwargs))
         full = dict(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, alpha=0.25) | kwargs
         matcher = cdetr.HungarianMatcher(full["cost_class"], full["cost_bbox"], full["cost_giou"], full["alpha"])
+        for attempt in range(20):   # with unusual costs: outputs whose matching they change, so that ignoring them fails
+            outputs, targets = model_outputs(batch, classes, seed=draw + 9 + batch + len(kwargs) + 100 * attempt)
+            indices = matcher(outputs, targets)
+            if not kwargs or any(not (torch.equal(q, q2) and torch.equal(t, t2))
+                                 for (q, t), (q2, t2) in zip(cdetr.HungarianMatcher()(outputs, targets), indices)):
+                break
+        else:
+            raise AssertionError("no draw where the unusual matching costs change the matching")
         match_cases.append({"label": f"batch {batch}, {classes} classes" + (", costs 6, 1, 1.5 and α 0.4" if kwargs else ""),
                             "outputs": outputs, "targets": targets, "kwargs": kwargs})
-        match_expected.append({"indices": matcher(outputs, targets), "costs": match_costs(outputs, targets, **full)})
-        if kwargs:   # the unusual costs change the matching: a solution that ignores them fails
-            default = cdetr.HungarianMatcher()(outputs, targets)
-            assert any(not (torch.equal(q, q2) and torch.equal(t, t2))
-                       for (q, t), (q2, t2) in zip(default, match_expected[-1]["indices"]))
+        match_expected.append({"indices": indices, "costs": match_costs(outputs, targets, **full)})
     add("7b Hungarian matching", match_cases, match_expected)
 
     loss_cases, loss_expected = [], []
     for batch, classes, aux, unusual in [(1, 5, True, False), (3, 9, True, True), (2, 5, False, True)]:
-        outputs, targets = model_outputs(batch, classes, seed=20 + batch)
+        outputs, targets = model_outputs(batch, classes, seed=draw + 20 + batch)
         cfg = tiny_cfg(num_classes=classes, aux_loss=aux, **(UNUSUAL if unusual else {}))
         loss_cases.append({"label": f"batch {batch}, {classes} classes, aux_loss {aux}" +
                            (", unusual costs, weights and α" if unusual else ""),
@@ -291,18 +311,22 @@ def main():
 
     post_cases = []
     for batch, classes, num_select in [(1, 5, 100), (2, 9, 7)]:          # 12 queries x 5 classes = 60 < 100
-        outputs, _ = model_outputs(batch, classes, seed=30 + batch)
+        outputs, _ = model_outputs(batch, classes, seed=draw + 30 + batch)
         post_cases.append({"label": f"batch {batch}, {classes} classes, num_select {num_select}", "outputs": outputs,
                            "target_sizes": torch.tensor([[480, 640], [300, 200]])[:batch], "num_select": num_select})
     add("9 post-processing", post_cases,
         [[{k: r[k] for k in ("scores", "labels", "boxes")}      # the exercise's contract: no query indices
           for r in cdetr.PostProcess(c["num_select"])(c["outputs"], c["target_sizes"])] for c in post_cases])
 
-    add("10 boxes under flip and resize", *box_transform_cases())
-    add("11 COCO AP", *coco_cases())
-    add("12 a conditional decoder layer", *decoder_layer_cases())
-
+    add("10 boxes under flip and resize", *box_transform_cases(draw))
+    add("11 COCO AP", *coco_cases(draw))
+    add("12 a conditional decoder layer", *decoder_layer_cases(draw))
     assert list(cases) == list(check.EXERCISES), "make_fixtures.py and check.EXERCISES name different exercises"
+    return cases, expected
+
+
+def main():
+    cases, expected = make()
     torch.save(cases, check.CASES)
     torch.save(expected, check.EXPECTED)
     print(f"wrote {check.CASES.name} ({check.CASES.stat().st_size / 1e3:.0f} kB) and {check.EXPECTED.name} "
