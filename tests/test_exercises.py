@@ -318,7 +318,8 @@ def test_the_gradescope_zip_grades_without_the_repository(tmp_path):
                          cwd=tmp_path)
     assert run.returncode == 0, run.stdout + run.stderr
     report = json.loads((root / "results" / "results.json").read_text())
-    assert report["score"] == 15, report["output"]           # graded with no cdetr.py or solutions.py in reach
+    assert report["score"] == sum(check.POINTS.values()) == 26, report["output"]   # no cdetr.py or solutions.py in reach
+    assert {t["name"]: t["max_score"] for t in report["tests"]} == check.POINTS
     (root / "submission" / "my_answers.py").write_text("def oops(:\n")
     subprocess.run(["bash", str(root / "source" / "run_autograder")], capture_output=True, env=env, check=True)
     report = json.loads((root / "results" / "results.json").read_text())
@@ -380,6 +381,36 @@ def test_a_file_that_answers_from_the_handout_scores_nothing_through_the_teacher
                                  "--json", str(source / "results.json")], capture_output=True, text=True, cwd=tmp_path)
         report = json.loads((source / "results.json").read_text())
         assert report["score"] == 0, graded.stdout
+
+
+def test_points_follow_the_difficulty_marked_in_the_exercises_and_the_guide():
+    """★ 1 point, ★★ 2, ★★★ 3: check.POINTS, the stars of exercises.py's docstrings and those of
+    the teacher's README table agree; the README quotes the score line solutions.py gets."""
+    stars = {}
+    for number, mark in re.findall(r'"""Exercise (\w+)(?:, part \d)? (★+)\.', (EXERCISES / "exercises.py").read_text()):
+        stars.setdefault(number, set()).add(len(mark))
+    table = {row[0]: len(row[2]) for row in (line.strip("|").split("|") for line in
+             (EXERCISES / "README.md").read_text().splitlines() if re.match(r"\| \d+[ab]? \|", line))
+             for row in [[cell.strip() for cell in row]]}
+    by_number = {name.split()[0]: points for name, points in check.POINTS.items()}
+    assert {n: {p} for n, p in by_number.items()} == stars and by_number == table
+    total = sum(check.POINTS.values())
+    guide = " ".join((EXERCISES / "README.md").read_text().split())
+    assert f"prints `score: {total}/{total} points (15 of 15 exercises correct)`" in guide
+    assert f"a score in points (★ 1, ★★ 2, ★★★ 3; {total} in all)" in guide
+
+
+def test_show_case_prints_the_inputs_a_message_names_and_not_the_answers():
+    import torch
+    shown = in_process([sys.executable, str(EXERCISES / "check.py"), "--show-case", "7a"], cwd=EXERCISES)
+    cases = torch.load(EXERCISES / "cases.pt", weights_only=True)["7a focal matching cost"]
+    assert shown.returncode == 0 and [line[:-1] for line in shown.stdout.splitlines() if line.startswith("7a, ")] == \
+        [f"7a, {case['label']}" for case in cases]
+    assert "logits = tensor(" in shown.stdout and "labels = tensor(" in shown.stdout
+    answer = torch.load(EXERCISES / "expected.pt", weights_only=True)["7a focal matching cost"][0]
+    assert f"{answer[0, 0].item():.4f}" not in shown.stdout
+    unknown = in_process([sys.executable, str(EXERCISES / "check.py"), "--show-case", "13"], cwd=EXERCISES)
+    assert unknown.returncode == 1 and unknown.stderr.startswith("error: --show-case 13: no exercise starts with that")
 
 
 def test_the_handout_command_leaves_out_every_answer_and_still_grades(tmp_path):

@@ -57,7 +57,7 @@ def test_exercise_notebook_runs_every_check_and_reports_what_is_missing(executed
     (the stubs as handed out: nothing implemented yet)."""
     notebook, _ = result(executed, "exercises/exercises.ipynb")
     text = printed(notebook)
-    assert text.count(" not implemented yet: ") == 2 * 15 and "score: 0/15" in text
+    assert text.count(" not implemented yet: ") == 2 * 15 and "score: 0/26 points (0 of 15 exercises correct)" in text
 
 
 @pytest.mark.parametrize("name, min_images", [("01_detect", 1), ("02_anatomy", 3), ("03_conditional_attention", 5),

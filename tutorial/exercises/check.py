@@ -333,6 +333,11 @@ EXERCISES = {
     "11 COCO AP": (["coco_ap", "ap50_not_ap75_detections"], run_coco_ap, judge_coco_ap, False),
     "12 a conditional decoder layer": (["DecoderLayer"], run_decoder_layer, judge_decoder_layer, False),
 }
+# points by difficulty, as exercises.py's docstrings and the teacher's README mark it: ★ 1, ★★ 2, ★★★ 3
+POINTS = {"1a box conversion": 1, "1b generalized IoU": 1, "2 key position encoding": 2, "3 reference point embedding": 1,
+          "4 conditional spatial query": 1, "5a one head of cross-attention": 2, "5b all heads": 2,
+          "6 box from the reference point": 1, "7a focal matching cost": 1, "7b Hungarian matching": 3, "8 set loss": 3,
+          "9 post-processing": 2, "10 boxes under flip and resize": 1, "11 COCO AP": 2, "12 a conditional decoder layer": 3}
 
 
 # ==========================================================================================
@@ -597,8 +602,27 @@ def run(*prefixes: str, module_name: str = "exercises", time_limit: float = TIME
     for name, status, detail in results:
         print(f"{name:34} {status}" + (f": {detail}" if detail and not output else ""))
     if len(results) > 1:
-        print(f"score: {sum(status == 'correct' for _, status, _ in results)}/{len(results)}")
+        points = sum(POINTS[name] for name, status, _ in results if status == "correct")
+        print(f"score: {points}/{sum(POINTS[name] for name, _, _ in results)} points "
+              f"({sum(status == 'correct' for _, status, _ in results)} of {len(results)} exercises correct)")
     return results
+
+
+def show_cases(prefix: str):
+    """Print the inputs of the cases of the exercises whose names start with `prefix` (never
+    their answers): what a "different" message's case label refers to."""
+    names = [name for name in EXERCISES if name.startswith(prefix)]
+    if not names:
+        sys.exit(f"error: --show-case {prefix}: no exercise starts with that; the exercises are "
+                 f"{', '.join(name.split()[0] for name in EXERCISES)}")
+    torch.set_printoptions(precision=4, threshold=100, edgeitems=3, linewidth=100)
+    cases = torch.load(CASES, weights_only=True)
+    for name in names:
+        for case in cases[name]:
+            print(f"{name.split()[0]}, {case['label']}:")
+            for key, value in case.items():
+                if key != "label":
+                    print(f"  {key} = {value}".replace("\n", "\n    "))
 
 
 def main():
@@ -607,7 +631,11 @@ def main():
     parser.add_argument("--module", default="exercises", help="a module next to this file, or a .py file (default: exercises)")
     parser.add_argument("--json", help="also write the results in Gradescope's results.json format")
     parser.add_argument("--time-limit", type=float, default=TIME_LIMIT, help=f"seconds per exercise (default {TIME_LIMIT:.0f})")
+    parser.add_argument("--show-case", metavar="NAME",
+                        help="print the inputs of an exercise's cases (e.g. 5a), which its messages name, not the answers")
     args = parser.parse_args()
+    if args.show_case:
+        return show_cases(args.show_case)
     start = time.time()
     try:
         results = run(*args.names, module_name=args.module, time_limit=args.time_limit)
@@ -619,10 +647,10 @@ def main():
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({
-            "score": sum(status == "correct" for _, status, _ in results),
+            "score": sum(POINTS[name] for name, status, _ in results if status == "correct"),
             "output": output or f"{sum(s == 'correct' for _, s, _ in results)} of {len(results)} exercises correct",
             "execution_time": round(time.time() - start, 1),
-            "tests": [{"name": name, "score": int(status == "correct"), "max_score": 1,
+            "tests": [{"name": name, "score": POINTS[name] * (status == "correct"), "max_score": POINTS[name],
                        "output": status + (f": {detail}" if detail else "")} for name, status, detail in results]},
             indent=1))
 
