@@ -13,7 +13,8 @@ import pytest
 from test_train import in_process
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = ["README.md", "tutorial/README.md", "tutorial/exercises/README.md", "benchmarks/README.md",
+DOCS = ["README.md", "tutorial/README.md", "tutorial/exercises/README.md", "tutorial/exercises/STUDENTS.md",
+        "benchmarks/README.md",
         *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
 
 
@@ -80,6 +81,7 @@ MISSING_INPUT = {
     "data.py": ["check", "no/such/folder"],
     "tutorial/export_checkpoint.py": ["no/such/best.pth", "out.pth"],
     "tutorial/exercises/capstone.py": ["--module", "no_such_file.py"],
+    "tutorial/exercises/check.py": ["--module", "no_such_file.py"],
     "benchmarks/speed.py": ["--official", "no/such/checkout"],
     "benchmarks/convergence.py": ["--baseline-epochs", "14"],
 }

@@ -400,6 +400,12 @@ def test_points_follow_the_difficulty_marked_in_the_exercises_and_the_guide():
     assert f"a score in points (★ 1, ★★ 2, ★★★ 3; {total} in all)" in guide
 
 
+def test_the_answers_template_has_the_answer_keys_questions_in_its_order():
+    key = re.findall(r"^\*\*(\d+[ab]?(?:, \w+)?\.|[AB]\.\d\.)", (EXERCISES / "answers.md").read_text(), re.M)
+    template = re.findall(r"^### (\d+[ab]?(?:, \w+)?\.|[AB]\.\d\.)", (EXERCISES / "answers_template.md").read_text(), re.M)
+    assert len(key) == 25 and template == key
+
+
 def test_show_case_prints_the_inputs_a_message_names_and_not_the_answers():
     import torch
     shown = in_process([sys.executable, str(EXERCISES / "check.py"), "--show-case", "7a"], cwd=EXERCISES)
