@@ -258,7 +258,7 @@ def ap50_not_ap75_detections(ground_truth: dict) -> list[dict]:
     raise NotImplementedError
 
 
-# 12. Capstone: a conditional decoder layer ------------------------------------------------
+# 12. A conditional decoder layer, the pieces together---------------------------------------------
 
 class DecoderLayer(nn.Module):
     """Exercise 12 ★★★. One decoder layer of Conditional DETR (Fig. 3, §3.3, §3.5): self-
