@@ -203,6 +203,7 @@ COCO_NAMES = dict(zip(
 EXPLAIN_PAGE = Path(__file__).resolve().parent / "assets" / "explain.html"
 EXPLAIN_KINDS = ("spatial", "content", "combined")   # the order of the maps in a page
 EXPLAIN_MAX_DETECTIONS = 20
+EXPLAIN_BELOW_THRESHOLD = 3    # a model with no detection above the threshold: its best queries, said so
 
 
 @torch.no_grad()
@@ -216,15 +217,18 @@ def attention_record(model: cdetr.ConditionalDETR, name: str, image: Image.Image
     every layer, head and kind (EXPLAIN_KINDS) at the feature-map resolution, each divided by
     its peak and quantised to 8 bits, laid out (L, nh, 3, h, w) as base64; the L*nh*3 peaks and
     sums over the image before quantisation; the reference point sigmoid(s) in pixels (None
-    for decoder="detr"). "cell" is a feature cell's (width, height) in pixels of `image`."""
+    for decoder="detr"). "cell" is a feature cell's (width, height) in pixels of `image`. When no
+    detection reaches `threshold` (a model on DETR's plateau, say), the EXPLAIN_BELOW_THRESHOLD
+    highest-scoring queries stand in for them, and "below_threshold" is True."""
     cfg = model.cfg
     images, mask = data.prepare([image], image_size, cfg.max_size)
     maps = cdetr.cross_attention_maps(model, images.to(device), mask.to(device), layer=None)
     outputs, pixels = maps["outputs"], torch.tensor([image.width, image.height] * 2)
     found = cdetr.PostProcess(EXPLAIN_MAX_DETECTIONS)(outputs, torch.tensor([[image.height, image.width]]).to(device))[0]
-    candidates = [(score, label, box, query, None) for score, label, box, query in zip(
-        found["scores"].tolist(), found["labels"].tolist(), found["boxes"].tolist(), found["queries"].tolist())
-        if score >= threshold]
+    ranked = [(score, label, box, query, None) for score, label, box, query in zip(    # best first
+        found["scores"].tolist(), found["labels"].tolist(), found["boxes"].tolist(), found["queries"].tolist())]
+    below_threshold = ranked[0][0] < threshold
+    candidates = ranked[:EXPLAIN_BELOW_THRESHOLD] if below_threshold else [c for c in ranked if c[0] >= threshold]
     if match:
         boxes = box_convert(outputs["pred_boxes"][0].float(), "cxcywh", "xyxy").cpu() * pixels       # (Q, 4)
         scores, labels = outputs["pred_logits"][0].float().sigmoid().max(-1)                         # (Q,)
@@ -249,6 +253,7 @@ def attention_record(model: cdetr.ConditionalDETR, name: str, image: Image.Image
                 "reference": None if reference is None else
                 [round(v, 1) for v in (reference[0, query].float().cpu() * pixels[:2]).tolist()]}
     return {"name": name, "decoder": cfg.decoder, "has_reference": reference is not None, "layers": L, "heads": nh,
+            "below_threshold": below_threshold,
             "grid": [h, w], "cell": [stride * scale_x, stride * scale_y], "detections": detections, "queries": queries}
 
 
@@ -278,7 +283,8 @@ def explain(models: list[tuple[str, cdetr.ConditionalDETR, dict[int, str]]], fil
         target.write_text(template.replace("__TITLE__", html.escape(title)).replace(
             "__DATA__", json.dumps(page, separators=(",", ":")).replace("</", "<\\/")))
         pages.append(target)
-        print(f"{path}: " + "; ".join(f"{r['name']} {len(r['detections'])} detections" for r in records) +
+        print(f"{path}: " + "; ".join(f"{r['name']} {len(r['detections'])} detections" + (
+            f" (none >= {threshold}: its best queries)" if r["below_threshold"] else "") for r in records) +
               f" -> {target} ({target.stat().st_size / 1e6:.2f} MB)")
     return pages
 

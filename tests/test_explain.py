@@ -111,6 +111,20 @@ def test_the_detr_baseline_beside_the_conditional_model(photos, tmp_path):
     assert matched == list(range(len(first["detections"])))
 
 
+def test_a_model_with_no_detection_still_shows_its_best_queries(photos, tmp_path):
+    """The DETR-style model on its plateau scores under any usual threshold: the page shows its
+    highest-scoring queries and their maps, and says that they are below the threshold."""
+    alone = page_data(make_pages([str(TUTORIAL_DETR)], [photos / "000001.png"], tmp_path, threshold=0.99)[0])
+    record = alone["models"][0]
+    assert record["below_threshold"] and len(record["detections"]) == evaluate.EXPLAIN_BELOW_THRESHOLD
+    scores = [d["score"] for d in record["detections"]]
+    assert scores == sorted(scores, reverse=True) and max(scores) < 0.99
+    assert {str(d["query"]) for d in record["detections"]} == set(record["queries"])
+    assert "highest-scoring queries" in (ROOT / "assets" / "explain.html").read_text()
+    shown = page_data(make_pages([str(TUTORIAL_DETR)], [photos / "000001.png"], tmp_path / "low", threshold=0.0)[0])
+    assert not shown["models"][0]["below_threshold"]
+
+
 def run_evaluate(*args):
     return run("evaluate.py", *args, check=False)
 
