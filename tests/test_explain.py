@@ -147,11 +147,11 @@ def chromium() -> str | None:
 @pytest.mark.skipif(chromium() is None, reason="no Chromium installed (Debian: apt-get install -y chromium); "
                                                ".ci/run installs it, so CI runs this test")
 def test_the_page_passes_its_self_test_in_a_real_browser(photos, tmp_path):
-    """#selftest selects every detection and layer of both models, checks that each panel was
-    drawn and that each map sums to 1 before and after quantisation, and reports in
-    document.body.dataset.selftest."""
+    """#selftest selects every detection and layer of both models, with one colour scale per
+    panel and then per row, checks that each panel was drawn and that each map sums to 1 before
+    and after quantisation, and reports in document.body.dataset.selftest."""
     page = make_pages([str(TUTORIAL), str(TUTORIAL_DETR)], [photos / "000001.png"], tmp_path, threshold=0.2)[0]
-    expected = sum(len(m["detections"]) * m["layers"] * m["heads"] * 3 for m in page_data(page)["models"])
+    expected = 2 * sum(len(m["detections"]) * m["layers"] * m["heads"] * 3 for m in page_data(page)["models"])
     dom = subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=30000",
                           "--dump-dom", f"{page.as_uri()}#selftest"], capture_output=True, text=True, timeout=120).stdout
     verdict = re.search(r'data-selftest="([^"]*)"', dom)
