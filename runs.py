@@ -481,11 +481,14 @@ class EpochSamples(torch.utils.data.Dataset):
                 random.setstate(python_state)
 
 
-def ignore_stop_signals(worker_id: int):
-    """A data-loading worker's start (DataLoader's worker_init_fn): SIGTERM and Ctrl-C, which
-    reach the whole process group, leave it running; the main process ends it when it stops."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def loading_worker_signals(worker_id: int):
+    """A data-loading worker's start (DataLoader's worker_init_fn). Ctrl-C reaches the whole
+    process group: the worker goes on, and the main process ends it when it stops. A scheduler's
+    SIGTERM may reach every process too: the worker then ends with status 0, which torch does not
+    report as a failure, so that the main process, which got the same signal, finishes its step
+    and saves. (Ignoring SIGTERM would be wrong: it is how Python ends a worker left running.)"""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda number, frame: os._exit(0))
 
 
 class Checkpoints:

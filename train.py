@@ -184,7 +184,7 @@ def main(argv=None):
     val_shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world_size))
     on_gpu = device.type == "cuda"        # pinned host memory lets the copies to the GPU overlap the work
     val_loader = torch.utils.data.DataLoader(val_shard, batch_size=evaluation_batch_size(cfg, cfg.batch_size * 2),
-                                             num_workers=args.num_workers, worker_init_fn=runs.ignore_stop_signals,
+                                             num_workers=args.num_workers, worker_init_fn=runs.loading_worker_signals,
                                              collate_fn=collate, pin_memory=on_gpu)
 
     def state(epoch: int, **mid_epoch) -> dict:   # what checkpoint.pth holds (mid_epoch: the step it stopped at)
@@ -199,7 +199,7 @@ def main(argv=None):
             steps, seen, sums = resumed if epoch == start_epoch else (0, 0, {})   # seen: samples, all processes
             samples = runs.EpochSamples(train_set, args.seed, epoch, rank, world_size, first=seen)
             loader = torch.utils.data.DataLoader(samples, batch_size=cfg.batch_size, drop_last=True, collate_fn=collate,
-                                                 num_workers=args.num_workers, worker_init_fn=runs.ignore_stop_signals,
+                                                 num_workers=args.num_workers, worker_init_fn=runs.loading_worker_signals,
                                                  pin_memory=on_gpu, generator=torch.Generator())   # not the global one
             trained_model.train()
             start = time.time()

@@ -1,7 +1,7 @@
 """What each change to the built-in run buys, measured one run after another on this machine.
 
     python benchmarks/recipe.py                  # every step, seed 42; the last also seeds 1 and 2 (about 45 minutes on 2 cores)
-    python benchmarks/recipe.py --steps today "64 px, stride 8" --final-seeds
+    python benchmarks/recipe.py --steps today "64 px, stride 8" --final-seeds    # these again; other rows kept
 
 Runs `python train.py` on the built-in shapes data: first as it is (the tiny preset), then with
 one change more at each step, the last step being a candidate for a much faster default run.
@@ -10,8 +10,9 @@ does, for the steps that draw it at another size) and is timed whole: start-up, 
 generation, training and every evaluation. For each run: training steps per
 second, the optimizer steps and the seconds until the validation AP first reaches 0.1 and 0.5
 (at the end of that epoch's evaluation), the last AP and the whole wall time. Writes
-benchmarks/results/recipe.json with the machine (CPU model, cores, torch version, commit). Run it
-on an otherwise idle machine: the times are this machine's.
+benchmarks/results/recipe.json: each run's row with the commit it ran, and the machine (CPU
+model, cores, torch version). Rows of steps not run again stay. Run it on an otherwise idle
+machine: the times are this machine's.
 """
 
 import argparse
@@ -47,7 +48,8 @@ LEVELS = (0.1, 0.5)
 
 
 def machine() -> dict:
-    """The CPU model, its cores, torch's threads and version, and the commit measured."""
+    """The CPU model, its cores, torch's threads and version, and the commit measured (also
+    kept in each row)."""
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
         else platform.processor()
@@ -72,6 +74,18 @@ def measure(out: Path, log: list[dict], wall: float) -> dict:
         row[f"to_{level}"] = None if epoch is None else {
             "epoch": epoch, "steps": epoch * steps_per_epoch, "seconds": round(startup + sum(busy[:epoch]), 1)}
     return row
+
+
+def markdown_table(result: dict) -> str:
+    """The table of benchmarks/README.md: seed 42 of every step."""
+    def reached(at):
+        return f"{at['steps']} steps, {at['seconds']:.0f} s" if at else "not reached"
+    lines = ["| step | what it changes | steps/s | AP 0.1 reached | AP 0.5 reached | last AP | whole run |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['step']} | {r['change']} | {r['steps_per_second']:.1f} | {reached(r['to_0.1'])} | "
+              f"{reached(r['to_0.5'])} | {r['last_AP']:.3f} | {r['wall_seconds']:.0f} s |"
+              for r in result["runs"] if r["seed"] == 42]
+    return "\n".join(lines)
 
 
 def main():
@@ -99,14 +113,18 @@ def main():
                 subprocess.run([sys.executable, str(HERE.parent / "data.py"), "shapes", "--out", str(shapes),
                                 *shapes_args], check=True)
             log = train_run(out, ["--shapes-dir", str(shapes), "--seed", str(seed), *flags], 0, False, start)
-            rows.append({"step": name, "change": STEPS[name][0], "seed": seed, "shapes_args": shapes_args,
-                         "train_args": flags, **measure(out, log, time.time() - began)})
+            rows.append({"step": name, "change": STEPS[name][0], "seed": seed, "commit": machine()["commit"],
+                         "shapes_args": shapes_args, "train_args": flags, **measure(out, log, time.time() - began)})
             row = rows[-1]
             print(f"{name} (seed {seed}): {row['steps_per_second']} steps/s, AP 0.1 at "
                   f"{row['to_0.1'] and row['to_0.1']['seconds']} s, 0.5 at {row['to_0.5'] and row['to_0.5']['seconds']} s,"
                   f" last AP {row['last_AP']}, {row['wall_seconds']} s in all", flush=True)
-    Path(args.out).write_text(json.dumps({"machine": machine(), "runs": rows}, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    if Path(args.out).exists():      # rows of steps not run again stay, in STEPS order
+        kept = [r for r in json.loads(Path(args.out).read_text())["runs"] if r["step"] not in args.steps]
+        rows = sorted(kept + rows, key=lambda r: (names.index(r["step"]), r["seed"] != 42))
+    result = {"machine": machine(), "runs": rows}
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}\n{markdown_table(result)}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import math
+import multiprocessing
 import os
 import re
 import runpy
@@ -161,6 +162,10 @@ def test_a_run_stopped_mid_epoch_resumes_from_that_step_exactly(shapes, tmp_path
     stopped = train_run(shapes, out, *flags, check=False)
     monkeypatch.undo()
     assert stopped.returncode == 143, stopped.stderr[-2000:]
+    for worker in multiprocessing.active_children():   # a loading worker still running ends when Python ends it
+        worker.terminate()
+        worker.join(10)
+        assert not worker.is_alive(), "a loading worker outlived terminate(): Python would hang at exit"
     assert "SIGTERM received: stopping after this step" in stopped.stdout
     assert f"stopped by SIGTERM after epoch 2, step 2; {out / 'checkpoint.pth'} holds epoch 2, step 2; continue with" \
         in stopped.stdout
