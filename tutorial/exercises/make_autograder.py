@@ -59,8 +59,9 @@ def build(output: Path, seed: int) -> list[str]:
         graded = subprocess.run([sys.executable, str(source / "check.py"), "--module", str(HERE / "solutions.py"),
                                  "--json", str(source / "results.json")], capture_output=True, text=True)
         results = json.loads((source / "results.json").read_text())
-        if results["score"] != len(results["tests"]):
-            raise SystemExit(f"error: solutions.py scores {results['score']}/{len(results['tests'])} on the cases of "
+        full_marks = sum(test["max_score"] for test in results["tests"])
+        if results["score"] != full_marks:
+            raise SystemExit(f"error: solutions.py scores {results['score']}/{full_marks} on the cases of "
                              f"seed {seed}:\n{graded.stdout}")
         with zipfile.ZipFile(output, "w", zipfile.ZIP_DEFLATED) as zf:
             for name in ("check.py", "cases.pt", "expected.pt"):
