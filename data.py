@@ -2,7 +2,7 @@
 first), then safe readers of images and COCO files, and tools: the data doctor, pictures of
 boxes and the built-in synthetic "shapes" dataset that trains on a laptop CPU.
 
-    python data.py shapes --out data/shapes      # write the synthetic set in COCO layout
+    python data.py shapes --out data/shapes-64   # write the synthetic set in COCO layout
     python data.py check data/my_coco            # what train.py would make of a dataset
 
 A dataset item is (image, target): image (3, H, W) float, ImageNet-normalized; target a dict
@@ -656,16 +656,16 @@ def _overlap(a: np.ndarray, b: np.ndarray) -> float:
     return iw * ih / min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
 
 
-def shapes_example(index: int, split: str = "val", seed: int = 0, size: int = 128, min_side: int = 16,
-                   max_side: int = 56, classes: str = "shapes"):
+def shapes_example(index: int, split: str = "val", seed: int = 0, size: int = 64, min_side: int = 10,
+                   max_side: int = 30, classes: str = "shapes"):
     """Image `index` (1-based) of a split of the shapes dataset with these settings, drawn
     directly: the same pixels and objects that make_shapes_dataset writes."""
     rng = np.random.default_rng([seed, {"train": 0, "val": 1}[split], index])
     return draw_shapes_image(rng, size, min_side, max_side, classes=classes)
 
 
-def make_shapes_dataset(out: str | Path, num_train: int = 2000, num_val: int = 300, size: int = 128,
-                        min_side: int = 16, max_side: int = 56, seed: int = 0, classes: str = "shapes") -> Path:
+def make_shapes_dataset(out: str | Path, num_train: int = 2000, num_val: int = 300, size: int = 64,
+                        min_side: int = 10, max_side: int = 30, seed: int = 0, classes: str = "shapes") -> Path:
     """Write the shapes dataset in COCO layout under `out` (train2017/, val2017/,
     annotations/instances_{train,val}2017.json). Deterministic for a given seed.
     classes: "shapes" (the category is the shape) or "colours" (it is the fill colour)."""
@@ -711,12 +711,12 @@ def main():
     parser = runs.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     shapes = sub.add_parser("shapes", help="write the synthetic shapes dataset in COCO layout")
-    shapes.add_argument("--out", default="data/shapes", help="output folder (default: data/shapes)")
+    shapes.add_argument("--out", default="data/shapes-64", help="output folder (default: data/shapes-64)")
     shapes.add_argument("--train", type=runs.positive_int, default=2000, help="number of training images")
     shapes.add_argument("--val", type=runs.positive_int, default=300, help="number of validation images")
-    shapes.add_argument("--size", type=runs.positive_int, default=128, help="image side in pixels")
-    shapes.add_argument("--min-side", type=runs.positive_int, default=16, help="smallest shape side in pixels")
-    shapes.add_argument("--max-side", type=runs.positive_int, default=56, help="largest shape side in pixels")
+    shapes.add_argument("--size", type=runs.positive_int, default=64, help="image side in pixels")
+    shapes.add_argument("--min-side", type=runs.positive_int, default=10, help="smallest shape side in pixels")
+    shapes.add_argument("--max-side", type=runs.positive_int, default=30, help="largest shape side in pixels")
     shapes.add_argument("--seed", type=int, default=0, help="random seed (same seed, same dataset)")
     shapes.add_argument("--classes", choices=["shapes", "colours"], default="shapes",
                         help="what the category is: the shape (ids 1-3) or the fill colour (ids 10, 20, 30, 40)")

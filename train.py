@@ -38,7 +38,7 @@ def parse_args(argv=None):
     d.add_argument("--train-annotations", help="training annotation json of a COCO-format dataset")
     d.add_argument("--val-images", help="validation image folder")
     d.add_argument("--val-annotations", help="validation annotation json")
-    d.add_argument("--shapes-dir", default="data/shapes", help="where the built-in shapes dataset lives")
+    d.add_argument("--shapes-dir", default="data/shapes-64", help="where the built-in 64 px shapes dataset lives")
     d.add_argument("--subset", type=runs.positive_int, help="train on N training images only")
     d.add_argument("--subset-seed", type=int, help="draw the --subset images at random with this seed (default: the first N)")
     d.add_argument("--skip-bad-images", action="store_true",

@@ -1,15 +1,15 @@
-"""What each change to the built-in run buys, measured one run after another on this machine.
+"""How the built-in run became five times faster: what each change bought, one run after another.
 
     python benchmarks/recipe.py                  # every step, seed 42; the last also seeds 1 and 2 (about 45 minutes on 2 cores)
-    python benchmarks/recipe.py --steps today "64 px, stride 8" --final-seeds    # these again; other rows kept
+    python benchmarks/recipe.py --steps "the old default" "10 epochs" --final-seeds    # these again; other rows kept
 
-Runs `python train.py` on the built-in shapes data: first as it is (the tiny preset), then with
-one change more at each step, the last step being a candidate for a much faster default run.
-Each run starts from no data (train.py generates it, as in a fresh clone, or `data.py shapes`
-does, for the steps that draw it at another size) and is timed whole: start-up, data
-generation, training and every evaluation. For each run: training steps per
-second, the optimizer steps and the seconds until the validation AP first reaches 0.1 and 0.5
-(at the end of that epoch's evaluation), the last AP and the whole wall time. Writes
+Runs `python train.py` on the built-in shapes data: first with the old tiny preset (128 px
+images; its flags are the first step's below), then with one change more at each step; the
+last step's flags add up to today's tiny preset, so its run is `python train.py`. Each run
+starts from no data (`data.py shapes` draws it at the step's size, inside the timing) and is
+timed whole: start-up, data generation, training and every evaluation. For each run: training
+steps per second, the optimizer steps and the seconds until the validation AP first reaches 0.1
+and 0.5 (at the end of that epoch's evaluation), the last AP and the whole wall time. Writes
 benchmarks/results/recipe.json: each run's row with the commit it ran, and the machine (CPU
 model, cores, torch version). Rows of steps not run again stay. Run it on an otherwise idle
 machine: the times are this machine's.
@@ -31,10 +31,15 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from convergence import first_epoch_reaching, train_run  # noqa: E402
 
-# name: (what this step changes, `data.py shapes` arguments for its data (None: train.py's own,
-# generated on first use), train.py arguments it adds to the steps before it)
+# name: (what this step changes, `data.py shapes` arguments for its data, train.py arguments it
+# adds to the steps before it; a later --set of a key wins over an earlier one)
 STEPS = {
-    "today": ("the tiny preset as it is: 128 px, ResNet-18 to stride 16, 30 queries, batch 4, 14 epochs", None, []),
+    "the old default": ("the tiny preset until the five-minute default: 128 px images (sides 16 to 56 px), "
+                        "ResNet-18 to stride 16, 30 queries, batch 4, 14 epochs",
+                        ["--size", "128", "--min-side", "16", "--max-side", "56"],
+                        ["--image-size", "128", "--batch-size", "4", "--lr", "2e-4", "--lr-backbone", "2e-4",
+                         "--epochs", "14", "--set", "backbone_stages=3", "num_queries=30", "dim_feedforward=512",
+                         "dropout=0.1", "augment=paper", "lr_drop=11"]),
     "64 px, stride 8": ("the shapes drawn at 64 px (sides 10 to 30 px), the backbone cut at stride 8 (the same "
                         "8 x 8 map), 12 queries, feed-forward 256", ["--size", "64", "--min-side", "10", "--max-side", "30"],
                         ["--image-size", "64", "--set", "backbone_stages=2", "num_queries=12", "dim_feedforward=256"]),
@@ -42,20 +47,26 @@ STEPS = {
     "batch 16": ("batch 16 at lr 4e-4 (backbone too) instead of batch 4 at 2e-4", None,
                  ["--batch-size", "16", "--lr", "4e-4", "--lr-backbone", "4e-4"]),
     "flips only": ("training augmentation: flips only, no multi-scale resizes or crops", None, ["--set", "augment=flip"]),
-    "10 epochs": ("10 epochs, lr / 10 after 8, instead of 14 and 11", None, ["--epochs", "10", "--set", "lr_drop=8"]),
+    "10 epochs": ("10 epochs, lr / 10 after 8, instead of 14 and 11: today's default", None,
+                  ["--epochs", "10", "--set", "lr_drop=8"]),
 }
 LEVELS = (0.1, 0.5)
 
 
 def machine() -> dict:
-    """The CPU model, its cores, torch's threads and version, and the commit measured (also
-    kept in each row)."""
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
-        else platform.processor()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
-    return {"cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "commit": commit}
+    """The CPU model, its cores, which of AVX-512, AVX512-BF16 and AMX it has (machines of one
+    model name differ in them, and in speed by up to 4x), torch's threads and version, and the
+    commit measured, "+changes" when tracked files differ from it (also kept in each row)."""
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
+                 platform.processor())
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
+    isa = [name for flag, name in (("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"), ("amx_tile", "AMX"))
+           if flag in flags]
+    git = lambda *args: subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    commit = git("rev-parse", "--short", "HEAD") + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+    return {"cpu": model, "cores": os.cpu_count(), "isa": isa, "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "commit": commit}
 
 
 def measure(out: Path, log: list[dict], wall: float) -> dict:
@@ -80,10 +91,10 @@ def markdown_table(result: dict) -> str:
     """The table of benchmarks/README.md: seed 42 of every step."""
     def reached(at):
         return f"{at['steps']} steps, {at['seconds']:.0f} s" if at else "not reached"
-    lines = ["| step | what it changes | steps/s | AP 0.1 reached | AP 0.5 reached | last AP | whole run |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| step | what it changes | steps/s | AP 0.1 reached | AP 0.5 reached | last AP | whole run | commit |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['step']} | {r['change']} | {r['steps_per_second']:.1f} | {reached(r['to_0.1'])} | "
-              f"{reached(r['to_0.5'])} | {r['last_AP']:.3f} | {r['wall_seconds']:.0f} s |"
+              f"{reached(r['to_0.5'])} | {r['last_AP']:.3f} | {r['wall_seconds']:.0f} s | {r['commit']} |"
               for r in result["runs"] if r["seed"] == 42]
     return "\n".join(lines)
 
@@ -98,7 +109,7 @@ def main():
     parser.add_argument("--out", default=str(HERE / "results" / "recipe.json"))
     args = parser.parse_args()
 
-    start, rows, flags, shapes_args = time.time(), [], [], None
+    start, rows, flags, shapes_args = time.time(), [], [], []
     names = list(STEPS)
     for name in names[:names.index(args.steps[-1]) + 1]:
         flags, shapes_args = flags + STEPS[name][2], STEPS[name][1] or shapes_args
@@ -109,9 +120,8 @@ def main():
             shapes, out = runs_dir / "shapes", runs_dir / f"{name.replace(' ', '_').replace(',', '')}-seed{seed}"
             shutil.rmtree(shapes, ignore_errors=True)        # generated again inside the timing
             began = time.time()
-            if shapes_args:
-                subprocess.run([sys.executable, str(HERE.parent / "data.py"), "shapes", "--out", str(shapes),
-                                *shapes_args], check=True)
+            subprocess.run([sys.executable, str(HERE.parent / "data.py"), "shapes", "--out", str(shapes), *shapes_args],
+                           check=True)
             log = train_run(out, ["--shapes-dir", str(shapes), "--seed", str(seed), *flags], 0, False, start)
             rows.append({"step": name, "change": STEPS[name][0], "seed": seed, "commit": machine()["commit"],
                          "shapes_args": shapes_args, "train_args": flags, **measure(out, log, time.time() - began)})
