@@ -262,17 +262,27 @@ CLASSIC_MISTAKES = on_solutions("""
             self.is_first = False
 """)
 
-EXPECTED_MESSAGES = {
+EXPECTED_MESSAGES = {   # where the mistake is a known one, the message names it
     "1a box conversion": "largest error", "1b generalized IoU": "random: largest error",
     "2 key position encoding": "mask (3, 6, 8), dim 32: largest error",
     "3 reference point embedding": "largest error", "4 conditional spatial query": "layer 0: largest error",
     "5a one head of cross-attention": "largest error", "5b all heads": "padded keys: largest error",
-    "6 box from the reference point": "['box_from_reference']: largest error",
+    "6 box from the reference point": "box_from_reference: largest error",
     "7a focal matching cost": "largest error", "7b Hungarian matching": "not the lowest",
-    "8 set loss": "no 'loss_ce_0' in the result", "9 post-processing": "['boxes']: largest error",
-    "10 boxes under flip and resize": "['hflip_boxes']: largest error",
+    "8 set loss": "no 'loss_ce_0' in the result", "9 post-processing": "item 0, boxes: largest error",
+    "10 boxes under flip and resize": "hflip_boxes: largest error",
     "11 COCO AP": "AP50 1.000 and AP75 1.000, not 1 and 0", "12 a conditional decoder layer": "first layer: largest",
 }
+NAMED_MISTAKES = {
+    "1a box conversion": "not halved", "1b generalized IoU": "the plain IoU",
+    "2 key position encoding": "padded height and width", "3 reference point embedding": "the x features first",
+    "4 conditional spatial query": "λ_q in the first layer too", "5a one head of cross-attention": "the scale 1/√hd",
+    "5b all heads": "the padding ignored", "6 box from the reference point": "added after the sigmoid",
+    "9 post-processing": "boxes left normalized", "10 boxes under flip and resize": "corners left in place",
+}
+UPSTREAM = {"5b all heads": "it may call 5a, not correct yet: fix that first", "7b Hungarian matching": "1a, 1b, 7a",
+            "8 set loss": "it may call 1a, 1b, 7a, 7b, not correct yet: fix those first", "9 post-processing": "1a,",
+            "12 a conditional decoder layer": "it may call 3, 4, 5a, 5b, not correct yet"}
 
 
 def test_classic_mistakes_are_each_different_with_a_useful_message(tmp_path):
@@ -281,6 +291,9 @@ def test_classic_mistakes_are_each_different_with_a_useful_message(tmp_path):
     for name, message in EXPECTED_MESSAGES.items():
         status, detail = results[name]
         assert status == "different" and message in detail, (name, detail)
+        assert ("this is what" in detail) == (name in NAMED_MISTAKES), (name, detail)
+        assert NAMED_MISTAKES.get(name, "") in detail.partition("this is what")[2], (name, detail)
+        assert ("it may call" in detail) == (name in UPSTREAM) and UPSTREAM.get(name, "") in detail, (name, detail)
 
 
 def test_a_crash_names_the_students_line_and_an_endless_loop_is_stopped(tmp_path):
@@ -300,7 +313,8 @@ def test_a_crash_names_the_students_line_and_an_endless_loop_is_stopped(tmp_path
     status, detail = results["7a focal matching cost"]
     assert status == "different" and detail.startswith("raised RuntimeError") and "exercises.py line 5" in detail
     assert results["7b Hungarian matching"][0] == "timed out"
-    assert results["8 set loss"] == ("different", "8, batch 1, 5 classes, aux_loss True: no 'loss_ce' in the result")
+    assert results["8 set loss"] == ("different", "8, batch 1, 5 classes, aux_loss True: no 'loss_ce' in the result "
+                                                  "(it may call 7a, 7b, not correct yet: fix those first)")
 
 
 def test_the_gradescope_zip_grades_without_the_repository(tmp_path):
@@ -478,9 +492,9 @@ def test_the_capstone_puts_the_students_code_in_place_and_starts_from_the_same_w
 
 def test_the_capstone_trains_end_to_end_with_the_students_code_and_downloads_nothing(tmp_path):
     """`python capstone.py --reference`, then `--module solutions`, through train.main on a budget of
-    two steps (its own process: the capstone puts the student's code in cdetr's place for good), with
-    the ImageNet downloader failing: each run trains, evaluates and plots; the reference run writes a
-    new log beside the committed one, and the student's run gives its verdict."""
+    one epoch of two steps (its own process: the capstone puts the student's code in cdetr's place
+    for good), with the ImageNet downloader failing: each run trains, evaluates, plots itself
+    beside the committed band and ends with its verdict and the matching exit status."""
     script = textwrap.dedent(f"""
         import sys
         from pathlib import Path
@@ -490,26 +504,40 @@ def test_the_capstone_trains_end_to_end_with_the_students_code_and_downloads_not
             raise OSError(f"no network: {{url}} was asked for")
         torchvision.models._api.load_state_dict_from_url = offline
         capstone.ROOT = Path({str(tmp_path)!r})          # its data and runs/ go here
-        data.make_shapes_dataset(capstone.ROOT / "data" / "shapes", num_train=8, num_val=4, size=64, min_side=12,
-                                 max_side=30, seed=0)
-        capstone.TRAIN_ARGS += ["--epochs", "1", "--subset", "8", "--image-size", "64", "--num-workers", "0"]
-        committed = capstone.REFERENCE_LOG.read_bytes()
-        capstone.REFERENCE_LOG = capstone.ROOT / "reference_logs" / capstone.REFERENCE_LOG.name
-        capstone.REFERENCE_LOG.parent.mkdir()
-        capstone.REFERENCE_LOG.write_bytes(committed)
-        sys.argv = ["capstone.py", "--reference"]        # a new reference log, beside the one it keeps
-        capstone.main()
-        assert capstone.REFERENCE_LOG.read_bytes() == committed
-        assert len(list(capstone.REFERENCE_LOG.parent.glob("capstone-reference-*.jsonl"))) == 1
-        sys.argv = ["capstone.py", "--module", "solutions"]
-        capstone.main()
+        data.make_shapes_dataset(capstone.ROOT / "data" / "shapes-64", num_train=8, num_val=4, seed=0)
+        capstone.TRAIN_ARGS += ["--epochs", "1", "--batch-size", "4", "--num-workers", "0"]
+        for argv in (["--reference"], ["--module", "solutions"]):
+            sys.argv = ["capstone.py", *argv]
+            print("exit status", capstone.main())
     """)
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert re.search(r"solutions \(this run\) +AP per epoch: ", run.stdout) and "largest difference" in run.stdout
-    assert (tmp_path / "runs" / "capstone-solutions" / "capstone.png").is_file()
-    log = (tmp_path / "runs" / "capstone-solutions" / "log.jsonl").read_text().splitlines()
-    assert len(log) == 1 and json.loads(log[0])["epoch"] == 1
+    for name in ("reference", "solutions"):
+        assert re.search(rf"{name} \(this run\) +AP per epoch: ", run.stdout)
+        assert (tmp_path / "runs" / f"capstone-{name}" / "capstone.png").is_file()
+        log = (tmp_path / "runs" / f"capstone-{name}" / "log.jsonl").read_text().splitlines()
+        assert len(log) == 1 and json.loads(log[0])["epoch"] == 1
+    # two steps on 8 images end far below the committed runs' first epoch: a verdict of "differently", status 1
+    verdicts = re.findall(r"after epoch 1: AP .*: your code trains differently; run check.py\nexit status 1", run.stdout)
+    assert len(verdicts) == 2, run.stdout[-2000:]
+
+
+def test_the_capstone_verdict_is_the_band_with_its_margins():
+    import capstone
+    band = capstone.reference_band()
+    assert [run[0]["epoch"] for run in band] == [1, 1, 1] and len({len(run) for run in band}) == 1
+    lowest = min(run[-1]["AP"] for run in band)
+    worst = max(2 * run[-1]["train_loss_ce"] + 5 * run[-1]["train_loss_bbox"] + 2 * run[-1]["train_loss_giou"]
+                for run in band)
+    def ending(ap, loss):
+        return band[0][:-1] + [{**band[0][-1], "AP": ap, "train_loss_ce": loss / 2, "train_loss_bbox": 0.0,
+                                "train_loss_giou": 0.0}]
+    margin_ap, margin_loss = capstone.AP_MARGIN, worst * (1 + capstone.LOSS_MARGIN)
+    assert capstone.verdict(ending(lowest - margin_ap + 1e-3, worst), band)[0]
+    assert capstone.verdict(ending(lowest, margin_loss - 1e-3), band)[0]
+    assert not capstone.verdict(ending(lowest - margin_ap - 1e-3, worst), band)[0]
+    assert not capstone.verdict(ending(lowest, margin_loss + 1e-3), band)[0]
+    assert all(capstone.verdict(run, band)[0] for run in band)        # every reference seed trains like itself
 
 
 def test_plot_runs_draws_a_run_against_the_reference_band(tmp_path):

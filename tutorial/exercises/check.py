@@ -8,8 +8,9 @@ with answers computed ahead of time.
     python check.py "7b" "8"                       # only the exercises whose names start so
 
 Each exercise is "correct", "different" (how it differs: a shape, the largest error and where,
-a missing gradient; never the expected values), "not implemented yet", "not allowed" (it used
-what the exercise forbids) or "timed out"; each correct one scores a point.
+a missing gradient, the known mistake whose answer it is, an earlier exercise it may call that
+is not correct; never the expected values), "not implemented yet", "not allowed" (it used what
+the exercise forbids) or "timed out"; a correct one scores its points (★ 1, ★★ 2, ★★★ 3).
 
 How it grades, and why it cannot be fooled by the usual tricks:
   * The inputs (cases.pt) and the answers (expected.pt) were computed once by make_fixtures.py
@@ -81,14 +82,14 @@ def compare(got, want, what: str):
         if missing:
             raise Different(f"{what}: no {missing[0]!r} in the result")
         for key in want:
-            compare(got[key], want[key], f"{what}[{key!r}]")
+            compare(got[key], want[key], f"{what}, {key}")
         return
     if isinstance(want, (list, tuple)):
         if not isinstance(got, (list, tuple)) or len(got) != len(want):
             length = f" of length {len(got)}" if isinstance(got, (list, tuple)) else ""
             raise Different(f"{what}: returned {describe(got)}{length}, expected {len(want)} items")
         for i, (g, w) in enumerate(zip(got, want)):
-            compare(g, w, f"{what}[{i}]")
+            compare(g, w, f"{what}, item {i}")
         return
     if isinstance(want, (int, float)):
         if not isinstance(got, (int, float)) and not (torch.is_tensor(got) and got.numel() == 1):
@@ -118,6 +119,20 @@ def compare(got, want, what: str):
     if want.numel() and float(error.max()) > TOLERANCE * scale:
         where = tuple(int(i) for i in torch.unravel_index(error.argmax(), tuple(want.shape)))
         raise Different(f"{what}: largest error {float(error.max()):.3g} at index {where}")
+
+
+def matches(got, mistake) -> bool:
+    """Whether `got` is the answer a known mistake gives (make_fixtures.py computes them). A
+    mistake's dict names only the keys it changes."""
+    if isinstance(mistake, dict):
+        return isinstance(got, dict) and all(k in got and matches(got[k], v) for k, v in mistake.items())
+    if isinstance(mistake, list):
+        return isinstance(got, (list, tuple)) and len(got) == len(mistake) and all(map(matches, got, mistake))
+    try:
+        compare(got, mistake, "")
+    except Exception:
+        return False
+    return True
 
 
 # ==========================================================================================
@@ -333,6 +348,10 @@ EXERCISES = {
     "11 COCO AP": (["coco_ap", "ap50_not_ap75_detections"], run_coco_ap, judge_coco_ap, False),
     "12 a conditional decoder layer": (["DecoderLayer"], run_decoder_layer, judge_decoder_layer, False),
 }
+# expected.pt's entry of known mistakes: {exercise: per case [(the mistake, the answer it gives)]}
+KNOWN_MISTAKES = "known mistakes"
+# the earlier exercises each one may call: when they are not correct either, its message says so
+CALLS = {"5b": ("5a",), "7b": ("1a", "1b", "7a"), "8": ("1a", "1b", "7a", "7b"), "9": ("1a",), "12": ("3", "4", "5a", "5b")}
 # points by difficulty, as exercises.py's docstrings and the teacher's README mark it: ★ 1, ★★ 2, ★★★ 3
 POINTS = {"1a box conversion": 1, "1b generalized IoU": 1, "2 key position encoding": 2, "3 reference point embedding": 1,
           "4 conditional spatial query": 1, "5a one head of cross-attention": 2, "5b all heads": 2,
@@ -516,15 +535,21 @@ def module_path(module: str) -> Path:
 WORKER_STATUSES = ("not implemented yet", "not allowed", "different")
 
 
-def judge(name: str, result: dict, expected: list, cases: list) -> tuple[str, str]:
+def judge(name: str, result: dict, expected: list, cases: list, mistakes: list) -> tuple[str, str]:
+    """(status, detail) of one exercise's outputs against the answers; a difference that is
+    a known mistake's answer names the mistake (never the expected values)."""
     if result.get("status") != "ran":
         status = result.get("status")
         return (status, str(result.get("detail"))) if status in WORKER_STATUSES else \
             ("different", f"the worker reported {str(status)[:40]!r}, which is not a result")
     _, _, judge_one, _ = EXERCISES[name]
     try:
-        for i, (got, want, case) in enumerate(zip(result["outputs"], expected, cases)):
-            (judge_one or (lambda g, w, c, what: compare(g, w, what)))(got, want, case, f"{name.split()[0]}, {case['label']}")
+        for got, want, case, known in zip(result["outputs"], expected, cases, mistakes):
+            try:
+                (judge_one or (lambda g, w, c, what: compare(g, w, what)))(got, want, case, f"{name.split()[0]}, {case['label']}")
+            except Different as e:
+                mistake = next((m for m, answer in known if matches(got, answer)), None)
+                raise Different(f"{e}: this is what {mistake} gives" if mistake else str(e)) from None
     except Different as e:
         return "different", str(e)
     except Exception as e:   # the result is in a form no judge expected: say so, do not crash
@@ -560,8 +585,9 @@ def grade(module: str = "exercises", names: list[str] | None = None,
                             process.join()
                             return [(n, "not graded", result["error"]) for n in names], result["error"]
                     else:
-                        results.append((pending[done], *judge(pending[done], result, expected[pending[done]],
-                                                              cases[pending[done]])))
+                        name = pending[done]
+                        mistakes = expected.get(KNOWN_MISTAKES, {}).get(name) or [[] for _ in cases[name]]
+                        results.append((name, *judge(name, result, expected[name], cases[name], mistakes)))
                         done += 1
                     if done == len(pending):
                         break
@@ -589,7 +615,21 @@ def grade(module: str = "exercises", names: list[str] | None = None,
             process.kill()
             process.join()
             pending = pending[done:]
-    return results, ""
+    return upstream_notes(results), ""
+
+
+def upstream_notes(results: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+    """A "different" exercise whose earlier exercises (CALLS) were graded and are not correct
+    says so: the fault may be theirs."""
+    status = {name.split()[0]: s for name, s, _ in results}
+    noted = []
+    for name, s, detail in results:
+        wrong = [n for n in CALLS.get(name.split()[0], ()) if status.get(n, "correct") != "correct"]
+        if s == "different" and wrong:
+            detail += (f" (it may call {', '.join(wrong)}, not correct yet: "
+                       f"fix {'that' if len(wrong) == 1 else 'those'} first)")
+        noted.append((name, s, detail))
+    return noted
 
 
 def run(*prefixes: str, module_name: str = "exercises", time_limit: float = TIME_LIMIT) -> list[tuple[str, str, str]]:

@@ -12,13 +12,14 @@ cannot pass. Committed; rerun it only when an exercise changes.
 """
 
 import json
+import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torchvision.ops import box_convert
+from torchvision.ops import box_convert, box_iou
 from torchvision.ops import generalized_box_iou as torchvision_giou
 
 HERE = Path(__file__).resolve().parent
@@ -48,6 +49,22 @@ def padded_mask(batch: int, h: int, w: int) -> torch.Tensor:
         mask[b, h - min(b, h - 1):, :] = True
         mask[b, :, w - min(b, w - 1):] = True
     return mask
+
+
+def padded_size_encoding(mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """key_position_encoding with a known mistake: valid cells counted, but divided by the
+    padded height and width."""
+    not_mask = ~mask
+    y = not_mask.cumsum(1, dtype=torch.float32) / mask.shape[1] * 2 * math.pi
+    x = not_mask.cumsum(2, dtype=torch.float32) / mask.shape[2] * 2 * math.pi
+    half = dim // 2
+    return torch.cat((cdetr.sine_embedding(y, half), cdetr.sine_embedding(x, half)), dim=-1).permute(0, 3, 1, 2)
+
+
+def x_first(embedding: torch.Tensor, dim: int) -> torch.Tensor:
+    """An embedding with its x half before its y half (a known mistake)."""
+    y, x = embedding.chunk(2, dim)
+    return torch.cat((x, y), dim)
 
 
 def tiny_cfg(**overrides) -> cdetr.Config:
@@ -100,10 +117,11 @@ def pixel_box(image: torch.Tensor, value: int) -> list[float]:
     return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
 
 
-def box_transform_cases(draw: int = 0) -> tuple[list, list]:
+def box_transform_cases(draw: int = 0) -> tuple[list, list, list]:
     """Rectangles painted into an image; the boxes after a flip or an integer upscale are read
     from the transformed pixels, so the answer is "where the pixels went", not a formula.
-    Another draw moves the first two rectangles by up to a pixel (they stay disjoint, inside)."""
+    Another draw moves the first two rectangles by up to a pixel (they stay disjoint, inside).
+    Returns the cases, the answers and each case's known mistakes."""
     H, W = 24, 40
     rects = [(3, 2, 15, 9), (20, 10, 38, 23), (0, 12, 3, 24)]         # x0, y0, x1, y1 in pixel edges, disjoint
     if draw:
@@ -125,7 +143,13 @@ def box_transform_cases(draw: int = 0) -> tuple[list, list]:
     cases.append({"label": "3 boxes, flipped / shrunk to 18 x 30", "boxes": boxes, "width": W, "old_size": (H, W),
                   "new_size": (18, 30)})
     expected.append({"hflip_boxes": expected[0]["hflip_boxes"], "resize_boxes": boxes * 0.75})
-    return cases, expected
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    corners_kept = torch.stack([W - x0, y0, W - x1, y1], -1)
+    mistakes = [[("the flipped box's corners left in place (the flipped x0 is width - x1)", {"hflip_boxes": corners_kept}),
+                 ("the sizes read as (width, height); old_size and new_size are (height, width)",
+                  {"resize_boxes": boxes * torch.tensor([c["new_size"][0] / H, c["new_size"][1] / W] * 2)})]
+                for c in cases]
+    return cases, expected, mistakes
 
 
 def coco_cases(draw: int = 0) -> tuple[list, list]:
@@ -195,15 +219,22 @@ def make(seed: int = 0) -> tuple[dict, dict]:
     graded on are not the ones students have."""
     draw = 1000 * seed
     cases, expected = {}, {}
+    known = {}   # per case, [(a known mistake, the answer it gives)]: check.py names the one a result matches
 
-    def add(name, case_list, expected_list):
+    def add(name, case_list, expected_list, mistakes=None):
         cases[name], expected[name] = case_list, expected_list
+        known[name] = mistakes or [[] for _ in case_list]
 
     g = torch.Generator().manual_seed(draw + 1)
     boxes = [torch.rand(*shape, generator=g) + torch.tensor([0, 0, 0.1, 0.1]) for shape in [(7, 4), (2, 3, 4), (0, 4)]]
+    swapped = "the centre and the size swapped ((cx, cy, w, h) starts with the centre)"
     add("1a box conversion", [{"label": f"boxes {tuple(b.shape)}", "boxes": b} for b in boxes],
         [{"box_cxcywh_to_xyxy": box_convert(b, "cxcywh", "xyxy"), "box_xyxy_to_cxcywh": box_convert(b, "xyxy", "cxcywh")}
-         for b in boxes])
+         for b in boxes],
+        [[(swapped, {"box_cxcywh_to_xyxy": box_convert(b[..., [2, 3, 0, 1]], "cxcywh", "xyxy")}),
+          (swapped, {"box_xyxy_to_cxcywh": box_convert(b, "xyxy", "cxcywh")[..., [2, 3, 0, 1]]}),
+          ("the width and height not halved (x0 = cx - w / 2)",
+           {"box_cxcywh_to_xyxy": torch.cat([b[..., :2] - b[..., 2:], b[..., :2] + b[..., 2:]], -1)})] for b in boxes])
 
     g = torch.Generator().manual_seed(draw + 2)
     a, b = box_convert(random_boxes(6, g), "cxcywh", "xyxy"), box_convert(random_boxes(4, g), "cxcywh", "xyxy")
@@ -211,18 +242,25 @@ def make(seed: int = 0) -> tuple[dict, dict]:
     pairs = {"random": (a, b), "with a disjoint box": (a, torch.cat([b, far])), "a box with itself": (a[:1], a[:1]),
              "one against none": (a[:1], a[:0])}
     add("1b generalized IoU", [{"label": k, "boxes1": x, "boxes2": y} for k, (x, y) in pairs.items()],
-        [torchvision_giou(x, y) for x, y in pairs.values()])
+        [torchvision_giou(x, y) for x, y in pairs.values()],
+        [[("the plain IoU, without GIoU's term for the enclosing box", box_iou(x, y))] for x, y in pairs.values()])
 
     grow = torch.randint(1, 3, (2, 2), generator=torch.Generator().manual_seed(draw)).tolist() if draw else [[0, 0]] * 2
     masks = [(padded_mask(1, 5 + grow[0][0], 7 + grow[0][1]), 16), (padded_mask(3, 6 + grow[1][0], 8 + grow[1][1]), 32)]
+    padded = "positions divided by the padded height and width, not the image's own (mask is True on padding)"
     add("2 key position encoding", [{"label": f"mask {tuple(m.shape)}, dim {d}", "mask": m, "dim": d} for m, d in masks],
-        [cdetr.key_position_encoding(m, d) for m, d in masks])
+        [cdetr.key_position_encoding(m, d) for m, d in masks],
+        [[(padded, cdetr.key_position_encoding(torch.zeros_like(m), d)), (padded, padded_size_encoding(m, d)),
+          ("the x features first (p_k has the y features first)", x_first(cdetr.key_position_encoding(m, d), 1))]
+         for m, d in masks])
 
     g = torch.Generator().manual_seed(draw + 3)
     points = [(torch.rand(2, 7, 2, generator=g), 64), (torch.rand(5, 2, generator=g), 16)]
     add("3 reference point embedding",
         [{"label": f"points {tuple(p.shape)}, dim {d}", "points": p, "dim": d} for p, d in points],
-        [cdetr.reference_point_embedding(p, d) for p, d in points])
+        [cdetr.reference_point_embedding(p, d) for p, d in points],
+        [[("the x features first (p_s has the y features first, like p_k)",
+           x_first(cdetr.reference_point_embedding(p, d), -1))] for p, d in points])
 
     torch.manual_seed(draw + 4)
     decoder = cdetr.ConditionalDETR(tiny_cfg()).decoder
@@ -232,7 +270,9 @@ def make(seed: int = 0) -> tuple[dict, dict]:
     with torch.no_grad():
         add("4 conditional spatial query",
             [{"label": f"layer {i}", "layer": i, "f": f, "p_s": p_s, "query_scale": scale} for i in range(3)],
-            [decoder.spatial_query(i, f, None, p_s) for i in range(3)])
+            [decoder.spatial_query(i, f, None, p_s) for i in range(3)],
+            [[("λ_q in the first layer too (there p_q = p_s, §3.5)", decoder.query_scale(f) * p_s)] if i == 0 else
+             [("λ_q left out (after the first layer p_q = λ_q ⊙ p_s, Eq. (4))", p_s)] for i in range(3)])
 
     def attention_reference(c_q, p_q, c_k, p_k, v, nheads, mask):
         split = lambda x: cdetr.split_heads(x, nheads)  # noqa: E731
@@ -243,14 +283,26 @@ def make(seed: int = 0) -> tuple[dict, dict]:
         g = torch.Generator().manual_seed(seed)
         return [torch.randn(batch, n, dim, generator=g) for n in (5, 5, 12, 12, 12)]
 
+    def attention_mistakes(c_q, p_q, c_k, p_k, v, nheads, mask):
+        split = lambda x: cdetr.split_heads(x, nheads)  # noqa: E731
+        root2 = math.sqrt(2)
+        return [("the scale 1/√hd (the query and key [c ; p] have 2·hd features per head: 1/√(2·hd))",
+                 attention_reference(c_q * root2, p_q * root2, c_k, p_k, v, nheads, mask)),
+                ("content and position added, as in DETR's Eq. (2), instead of concatenated per head (Eq. (3))",
+                 cdetr.merge_heads(cdetr.attention(split(c_q + p_q), split(c_k + p_k), split(v), mask)))] + (
+                [("the padding ignored (key_padding_mask is True on padded keys, which must get no weight)",
+                  attention_reference(c_q, p_q, c_k, p_k, v, nheads, None))] if mask is not None else [])
+
     head_cases = [{"label": f"batch {b}" + (", padded keys" if b > 1 else ""), "inputs": attention_inputs(b, 8, draw + 5),
                    "mask": padded_mask(b, 3, 4).flatten(1) if b > 1 else None} for b in (1, 3)]
     add("5a one head of cross-attention", head_cases,
-        [attention_reference(*c["inputs"], 1, c["mask"]) for c in head_cases])
+        [attention_reference(*c["inputs"], 1, c["mask"]) for c in head_cases],
+        [attention_mistakes(*c["inputs"], 1, c["mask"]) for c in head_cases])
     all_cases = [{"label": f"batch {b}, {nh} heads" + (", padded keys" if b > 1 else ""),
                   "inputs": attention_inputs(b, 32, draw + 6), "nheads": nh, "mask": padded_mask(b, 3, 4).flatten(1) if b > 1 else None}
                  for b, nh in [(1, 4), (3, 8)]]
-    add("5b all heads", all_cases, [attention_reference(*c["inputs"], c["nheads"], c["mask"]) for c in all_cases])
+    add("5b all heads", all_cases, [attention_reference(*c["inputs"], c["nheads"], c["mask"]) for c in all_cases],
+        [attention_mistakes(*c["inputs"], c["nheads"], c["mask"]) for c in all_cases])
 
     torch.manual_seed(draw + 7)
     model = cdetr.ConditionalDETR(tiny_cfg()).eval()
@@ -264,7 +316,10 @@ def make(seed: int = 0) -> tuple[dict, dict]:
     add("6 box from the reference point",
         [{"label": "the tiny model's boxes, and sigmoid(s) at 0 and 1", "box_offsets": raw[0][-1],
           "reference": out["reference_points"], "edge": edge}],
-        [{"box_from_reference": out["pred_boxes"], "inverse_sigmoid": cdetr.inverse_sigmoid(edge)}])
+        [{"box_from_reference": out["pred_boxes"], "inverse_sigmoid": cdetr.inverse_sigmoid(edge)}],
+        [[("the reference point added after the sigmoid (Eq. (1) adds s, the unnormalized point, before it)",
+           {"box_from_reference": torch.cat([raw[0][-1][..., :2].sigmoid() + out["reference_points"],
+                                             raw[0][-1][..., 2:].sigmoid()], -1)})]])
 
     g = torch.Generator().manual_seed(draw + 8)
     focal = []
@@ -274,7 +329,11 @@ def make(seed: int = 0) -> tuple[dict, dict]:
             focal.append({"label": f"{len(labels)} labels, {logits.shape[1]} classes, α {kwargs['alpha']}, "
                                    f"γ {kwargs['gamma']}", "logits": logits, "labels": labels, "kwargs": kwargs})
     add("7a focal matching cost", focal,
-        [cdetr.focal_class_cost(c["logits"], c["labels"], **c["kwargs"]) for c in focal])
+        [cdetr.focal_class_cost(c["logits"], c["labels"], **c["kwargs"]) for c in focal],
+        [[("α and 1 - α swapped (α weighs the positive term)",
+           cdetr.focal_class_cost(c["logits"], c["labels"], 1 - c["kwargs"]["alpha"], c["kwargs"]["gamma"])),
+          ("softmax probabilities, where the focal cost takes each class's own sigmoid",
+           cdetr.focal_class_cost(torch.logit(c["logits"].softmax(-1)), c["labels"], **c["kwargs"]))] for c in focal])
     assert not torch.allclose(cdetr.focal_class_cost(focal[3]["logits"], focal[3]["labels"], 0.25),
                               cdetr.focal_class_cost(focal[3]["logits"], focal[3]["labels"], **focal[3]["kwargs"]))
 
@@ -314,14 +373,23 @@ def make(seed: int = 0) -> tuple[dict, dict]:
         outputs, _ = model_outputs(batch, classes, seed=draw + 30 + batch)
         post_cases.append({"label": f"batch {batch}, {classes} classes, num_select {num_select}", "outputs": outputs,
                            "target_sizes": torch.tensor([[480, 640], [300, 200]])[:batch], "num_select": num_select})
-    add("9 post-processing", post_cases,
-        [[{k: r[k] for k in ("scores", "labels", "boxes")}      # the exercise's contract: no query indices
-          for r in cdetr.PostProcess(c["num_select"])(c["outputs"], c["target_sizes"])] for c in post_cases])
+    post_expected = [[{k: r[k] for k in ("scores", "labels", "boxes")}      # the exercise's contract: no query indices
+                      for r in cdetr.PostProcess(c["num_select"])(c["outputs"], c["target_sizes"])] for c in post_cases]
+    in_pixels = [[(h, w, torch.tensor([w, h, w, h])) for h, w in c["target_sizes"].tolist()] for c in post_cases]
+    add("9 post-processing", post_cases, post_expected,
+        [[("scores that are logits, not probabilities (the sigmoid of the logits)",
+           [{"scores": torch.logit(r["scores"])} for r in answer]),
+          ("boxes left normalized (scale them to the image's pixels)",
+           [{"boxes": r["boxes"] / scale} for r, (_, _, scale) in zip(answer, sizes)]),
+          ("target_sizes read as (width, height); it is (height, width)",
+           [{"boxes": r["boxes"] / scale * torch.tensor([h, w, h, w])} for r, (h, w, scale) in zip(answer, sizes)])]
+         for answer, sizes in zip(post_expected, in_pixels)])
 
     add("10 boxes under flip and resize", *box_transform_cases(draw))
     add("11 COCO AP", *coco_cases(draw))
     add("12 a conditional decoder layer", *decoder_layer_cases(draw))
     assert list(cases) == list(check.EXERCISES), "make_fixtures.py and check.EXERCISES name different exercises"
+    expected[check.KNOWN_MISTAKES] = known
     return cases, expected
 
 
