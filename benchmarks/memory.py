@@ -7,7 +7,7 @@
 One step is what train.py repeats: forward (bfloat16 autocast for "bf16", as --amp), the set
 loss with its matching, backward, gradient clipping and a fused AdamW step, on images at the
 largest training size (800 x 1333 for the COCO presets: the shorter side 800 and the longer the
-official cap of 1333; every multi-scale draw is at most this; 128 x 213 for tiny, scaled by its
+official cap of 1333; every multi-scale draw is at most this; 64 x 107 for tiny, scaled by its
 image_size as data.py scales the recipe) with 5 boxes each. Each measurement runs in a fresh
 process after one warm-up step (Adam's moments then exist, as in every later step):
 - on CUDA, torch.cuda.max_memory_allocated over the measured step: the tensors alone. A GPU

@@ -3,7 +3,7 @@
     python benchmarks/profile_step.py              # the tiny preset on the shapes data, as train.py runs it
     python benchmarks/profile_step.py --steps 50
 
-Runs the default run's training step (tiny preset, batch 4, the shapes data with its training
+Runs the default run's training step (tiny preset, batch 16, the shapes data with its training
 augmentation, float32) and times its parts over --steps steps after 5 warm-up steps: loading
 and augmenting the batch, the forward pass, the loss (with the Hungarian matching inside it,
 also shown alone), the backward pass and the AdamW step. Then, from one more step: the share of
@@ -30,12 +30,13 @@ import data  # noqa: E402
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes-dir", default=str(HERE.parent / "data" / "shapes"))
+    parser.add_argument("--shapes-dir", default=str(HERE.parent / "data" / "shapes-64"))
     parser.add_argument("--steps", type=int, default=100)
     args = parser.parse_args()
     torch.manual_seed(0)
+    tiny = cdetr.preset("tiny")
     dataset = data.build_dataset(*data.coco_paths(data.ensure_shapes_dataset(args.shapes_dir), "train"), train=True,
-                                 image_size=128)
+                                 image_size=tiny.image_size, augment=tiny.augment)
     cfg = cdetr.preset("tiny", num_classes=dataset.num_classes)
     model, criterion = cdetr.ConditionalDETR(cfg).train(), cdetr.SetCriterion(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)

@@ -8,8 +8,8 @@
     python benchmarks/speed.py --compile                           # and ours under torch.compile (minutes to compile)
 
 Settings: R50 inference (1 image, 800 x 1066), an R50 training step (2 images, 512 x 683:
-forward, loss, backward and AdamW step), and the tiny preset's inference (8 images, 128 x 128)
-and training step (4 images, 128 x 128: what `python train.py` repeats). Every implementation
+forward, loss, backward and AdamW step), and the tiny preset's inference (8 images, 64 x 64)
+and training step (16 images, 64 x 64: what `python train.py` repeats). Every implementation
 gets the same input tensors and targets; ours (and the baseline) run the weights of the
 Hugging Face or official model when one is there (converted by cdetr's own loaders; the values
 do not change the speed, but they keep the work, e.g. matching, alike). The implementations
@@ -42,7 +42,7 @@ from evaluate import compiled  # noqa: E402
 
 # setting: (preset, batch, height, width, training step?)
 SETTINGS = {"r50 inference": ("r50", 1, 800, 1066, False), "r50 training step": ("r50", 2, 512, 683, True),
-            "tiny inference": ("tiny", 8, 128, 128, False), "tiny training step": ("tiny", 4, 128, 128, True)}
+            "tiny inference": ("tiny", 8, 64, 64, False), "tiny training step": ("tiny", 16, 64, 64, True)}
 
 
 def inputs(batch: int, height: int, width: int, num_classes: int, device) -> tuple:

@@ -88,6 +88,7 @@ MISSING_INPUT = {
 # Documented scripts that read nothing the user gives: they make their own data.
 NO_INPUT = {"benchmarks/ablations.py", "benchmarks/levers.py", "benchmarks/profile_step.py",
             "benchmarks/memory.py", "benchmarks/finetune.py", "benchmarks/experiment_logs.py",
+            "benchmarks/default_run.py", "benchmarks/recipe.py", "benchmarks/capstone_verdicts.py",
             "tutorial/exercises/make_autograder.py"}
 
 

@@ -26,7 +26,7 @@ TUTORIAL_DETR = ROOT / "tutorial" / "tiny_shapes_detr.pth"
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
-    folder = data.make_shapes_dataset(tmp_path_factory.mktemp("shapes"), num_train=1, num_val=2, size=128, seed=3)
+    folder = data.make_shapes_dataset(tmp_path_factory.mktemp("shapes"), num_train=1, num_val=2, seed=3)
     return data.coco_paths(folder, "val")[0]
 
 
@@ -79,7 +79,8 @@ def test_the_page_holds_the_models_attention(photos, tmp_path):
             restored = quantised[:, :, k] / 255 * peaks[:, :, k, None, None]
             assert np.abs(restored - expected).max() <= peaks.max() / 255 / 2 + 1e-6
             np.testing.assert_allclose(np.array(stored["sums"]).reshape(L, nh, 3)[:, :, k], 1, atol=1e-5)
-    assert record["cell"] == pytest.approx([16 * image.width / images.shape[-1]] * 2)   # tiny: stride 16
+    stride = 2 ** (model.cfg.backbone_stages + 1)                                   # the tiny preset's: 8
+    assert record["cell"] == pytest.approx([stride * image.width / images.shape[-1]] * 2)
 
 
 def test_the_page_needs_nothing_outside_itself(photos, tmp_path):

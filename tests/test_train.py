@@ -515,12 +515,12 @@ def test_init_from_with_other_classes_keeps_every_other_weight(colours, tmp_path
 
 
 def test_init_from_another_architecture_is_a_clear_error(colours, tmp_path):
-    tiny_checkpoint(tmp_path / "source.pth", num_classes=4)
+    channels = tiny_checkpoint(tmp_path / "source.pth", num_classes=4)["input_proj.weight"].shape[1]  # the backbone's
     result = run("train.py", "--shapes-dir", colours, "--output-dir", tmp_path / "o", "--init-from",
                  tmp_path / "source.pth", "--set", "hidden_dim=64", check=False)
     assert result.returncode != 0 and result.stderr.count("\n") == 1
     assert result.stderr.startswith(f"error: --init-from {tmp_path / 'source.pth'}: input_proj.weight is "
-                                    f"(32, 256, 1, 1) in the weights but (64, 256, 1, 1) in the model")
+                                    f"(32, {channels}, 1, 1) in the weights but (64, {channels}, 1, 1) in the model")
 
 
 def test_init_from_and_resume_are_exclusive(colours, tmp_path):
