@@ -2,6 +2,7 @@
 
     python benchmarks/capstone_verdicts.py               # solutions.py and every wrong set (about 25 minutes on 2 cores)
     python benchmarks/capstone_verdicts.py --modules solutions capstone_no_aux
+    python benchmarks/capstone_verdicts.py --rejudge     # no training: today's verdict on the committed runs
 
 Runs `python tutorial/exercises/capstone.py --module M` (the default run, 10 epochs, with M's
 functions in cdetr.py's place) for the teacher's solutions and for each subtly wrong set in
@@ -9,6 +10,8 @@ tests/student_files/capstone_*.py (each right but for one classic mistake, named
 docstring), and records each run's log, verdict line, exit status (0: "trains like the
 reference") and wall time in benchmarks/results/capstone.json, with the reference band the
 verdict used; capstone.png draws every run over that band. Rows of modules not run again stay.
+After a change to the verdict's rule or margins, --rejudge applies it to the committed logs
+(the verdict is a function of the log and the band alone: the same as a new run's last line).
 """
 
 import argparse
@@ -24,16 +27,21 @@ EXERCISES = ROOT / "tutorial" / "exercises"
 WRONG = {path.stem: path for path in sorted((ROOT / "tests" / "student_files").glob("capstone_*.py"))}
 RESULTS = HERE / "results" / "capstone.json"
 sys.path[:0] = [str(EXERCISES), str(ROOT)]
-from capstone import reference_band  # noqa: E402
+from capstone import reference_band, verdict  # noqa: E402
 from plot_runs import plot, read_log  # noqa: E402
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modules", nargs="+", choices=["solutions", *WRONG], default=["solutions", *WRONG])
+    parser.add_argument("--rejudge", action="store_true", help="train nothing: judge the committed runs again")
     args = parser.parse_args()
     rows = json.loads(RESULTS.read_text())["runs"] if RESULTS.exists() else {}
-    for name in args.modules:
+    for row in rows.values() if args.rejudge else []:
+        ok, row["verdict"] = verdict(row["log"], reference_band())
+        row["exit_status"] = 0 if ok else 1
+        print(f"{row['module']}: status {row['exit_status']}, {row['verdict']}")
+    for name in [] if args.rejudge else args.modules:
         module = "solutions" if name == "solutions" else str(WRONG[name])
         began = time.time()
         done = subprocess.run([sys.executable, "capstone.py", "--module", module], cwd=EXERCISES,

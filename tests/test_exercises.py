@@ -526,18 +526,54 @@ def test_the_capstone_verdict_is_the_band_with_its_margins():
     import capstone
     band = capstone.reference_band()
     assert [run[0]["epoch"] for run in band] == [1, 1, 1] and len({len(run) for run in band}) == 1
-    lowest = min(run[-1]["AP"] for run in band)
-    worst = max(2 * run[-1]["train_loss_ce"] + 5 * run[-1]["train_loss_bbox"] + 2 * run[-1]["train_loss_giou"]
-                for run in band)
-    def ending(ap, loss):
-        return band[0][:-1] + [{**band[0][-1], "AP": ap, "train_loss_ce": loss / 2, "train_loss_bbox": 0.0,
-                                "train_loss_giou": 0.0}]
-    margin_ap, margin_loss = capstone.AP_MARGIN, worst * (1 + capstone.LOSS_MARGIN)
-    assert capstone.verdict(ending(lowest - margin_ap + 1e-3, worst), band)[0]
-    assert capstone.verdict(ending(lowest, margin_loss - 1e-3), band)[0]
-    assert not capstone.verdict(ending(lowest - margin_ap - 1e-3, worst), band)[0]
-    assert not capstone.verdict(ending(lowest, margin_loss + 1e-3), band)[0]
+    last = len(band[0]) - 1
+    lowest = min(run[last]["AP"] for run in band)
+    highest = [max(capstone.last_layer_loss(run[epoch]) for run in band) for epoch in range(last + 1)]
+
+    def trains_like_them(epoch, ap, loss):        # seed 42's run with one epoch's AP and last-layer loss set
+        run = [dict(record) for record in band[0]]
+        run[epoch].update(AP=ap, train_loss_ce=loss / 2, train_loss_bbox=0.0, train_loss_giou=0.0)
+        return capstone.verdict(run, band)[0]
+
+    assert trains_like_them(last, lowest - capstone.AP_MARGIN + 1e-3, highest[last])
+    assert not trains_like_them(last, lowest - capstone.AP_MARGIN - 1e-3, highest[last])
+    for epoch in (0, last // 2, last):              # the loss is judged in every epoch, not only the last
+        ap = band[0][epoch]["AP"]
+        assert trains_like_them(epoch, ap, highest[epoch] * (1 + capstone.LOSS_MARGIN) - 1e-3)
+        assert not trains_like_them(epoch, ap, highest[epoch] * (1 + capstone.LOSS_MARGIN) + 1e-3)
     assert all(capstone.verdict(run, band)[0] for run in band)        # every reference seed trains like itself
+
+
+def capstone_calibration() -> dict:
+    return json.loads((EXERCISES.parent.parent / "benchmarks" / "results" / "capstone.json").read_text())
+
+
+def test_the_capstone_calibration_is_todays_verdict_on_the_committed_runs():
+    """benchmarks/results/capstone.json holds a run of the solutions and of every subtly wrong set
+    in tests/student_files/; each verdict there is what today's rule and margins say of its log
+    (after changing them: benchmarks/capstone_verdicts.py --rejudge), and the solutions pass."""
+    import capstone
+    calibration = capstone_calibration()
+    assert calibration["band"] == capstone.reference_band()
+    wrong = {path.stem for path in (EXERCISES.parent.parent / "tests" / "student_files").glob("capstone_*.py")}
+    assert set(calibration["runs"]) == {"solutions", *wrong} and len(wrong) >= 4
+    for name, run in calibration["runs"].items():
+        ok, words = capstone.verdict(run["log"], calibration["band"])
+        assert (run["exit_status"], run["verdict"]) == (0 if ok else 1, words), name
+    assert calibration["runs"]["solutions"]["exit_status"] == 0
+
+
+def test_the_teachers_capstone_table_is_the_committed_calibration():
+    """Each run's row in the teacher's README: AP and last-layer loss per epoch, verdict, wall time."""
+    import capstone
+    readme = (EXERCISES / "README.md").read_text()
+    for name, run in capstone_calibration()["runs"].items():
+        row = (f"| {'`solutions.py`' if name == 'solutions' else f'`{name}.py`'} | "
+               + " ".join(f"{r['AP']:.3f}" for r in run["log"]) + " | "
+               + " ".join(f"{capstone.last_layer_loss(r):.3f}" for r in run["log"]) + " | "
+               + ("trains like the reference" if run["exit_status"] == 0 else "trains differently")
+               + f" | {run['wall_seconds'] / 60:.1f} min |")
+        assert row in readme, row
 
 
 def test_plot_runs_draws_a_run_against_the_reference_band(tmp_path):
