@@ -1,17 +1,16 @@
 """The reference logs of the course experiments (tutorial/exercises/experiments.md).
 
-    python benchmarks/experiment_logs.py            # 5 runs of 6 epochs: about 70 minutes on one core
+    python benchmarks/experiment_logs.py            # 4 runs of 6 epochs: about 12 minutes on one core
     python benchmarks/experiment_logs.py --reuse    # keep runs already in runs/experiments/
 
 Each experiment's `train.py` command (the tiny preset, 6 epochs, no lr drop) with seeds 42, 1 and
 2, one log per run in tutorial/exercises/reference_logs/<run>-seed<N>.jsonl, where
 `plot_runs.py` draws a student's own run against the spread of the three seeds.
 
-Four of the nine runs are already committed: the first 6 epochs of the convergence benchmark's
+Five of the nine runs are already committed: the first 6 epochs of the convergence benchmark's
 runs (benchmarks/results/convergence.json: the conditional decoder with seeds 42, 1, 2 and the
-DETR-style decoder with seed 42) followed the same recipe, since its lr drop comes after epoch
-6; they are copied (AP, AP50, AP75 and the training loss per epoch). Those runs were made with
-the code before its speed changes, which alter float rounding, not the method.
+DETR-style decoder with seeds 42 and 1) followed the same recipe, since their lr drop comes after
+epoch 6; they are copied (AP, AP50, AP75 and the training loss per epoch).
 """
 
 import argparse

@@ -576,6 +576,18 @@ def test_the_teachers_capstone_table_is_the_committed_calibration():
         assert row in readme, row
 
 
+def test_the_answer_keys_table_of_the_experiments_is_the_committed_logs():
+    import plot_runs
+    key = (EXERCISES / "answers.md").read_text()
+    for name, words in (("conditional", "conditional"), ("detr", "DETR-style"), ("s-zero", "s = (0, 0)")):
+        assert len(plot_runs.reference_runs(name)) == 3, name
+        runs = [plot_runs.read_log(EXERCISES / "reference_logs" / f"{name}-seed{seed}.jsonl") for seed in (42, 1, 2)]
+        row = (f"| {words}, seeds 42 / 1 / 2 | "
+               + ", ".join(f"{run[0]['train_loss']:.2f} → {run[-1]['train_loss']:.2f}" for run in runs) + " | "
+               + ", ".join(f"{run[-1]['AP']:.3f}" for run in runs) + " |")
+        assert row in key, row
+
+
 def test_plot_runs_draws_a_run_against_the_reference_band(tmp_path):
     import plot_runs
     mine = plot_runs.read_log(EXERCISES / "reference_logs" / "conditional-seed1.jsonl")
