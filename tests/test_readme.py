@@ -183,6 +183,8 @@ def test_the_shipped_checkpoints_are_what_the_tutorial_says():
     text = prose((ROOT / "tutorial" / "README.md").read_text())
     shipped = torch.load(ROOT / "tutorial" / "tiny_shapes.pth", weights_only=True)
     assert f"AP {shipped['metrics']['AP']:.3f} on the shapes validation set after {shipped['epoch'] + 1} epochs" in text
+    detr = torch.load(ROOT / "tutorial" / "tiny_shapes_detr.pth", weights_only=True)
+    assert f"`--decoder detr` ({detr['epoch'] + 1} epochs, AP {detr['metrics']['AP']:.3f}:" in text
 
 
 @pytest.mark.parametrize("name", ["default_run.jsonl", "recipe.json", "convergence.json",

@@ -2,6 +2,7 @@
 executed once, side by side (each in its own kernel), and the tests read what they printed and
 drew."""
 
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -70,3 +71,30 @@ def test_walkthrough_runs_and_draws(executed, name, min_images):
                    if cell.cell_type == "code" for out in cell.get("outputs", []))
     assert seconds < 180, f"{name} took {seconds:.0f} s, side by side with the other notebooks; the tutorial " \
                           f"promises a few minutes at most on a CPU"
+
+
+@pytest.mark.parametrize("name", ["01_detect", "02_anatomy", "03_conditional_attention", "04_training"])
+def test_every_question_has_an_answer_to_fold_open(name):
+    cells = [cell.source for cell in nbformat.read(TUTORIAL / f"{name}.ipynb", as_version=4).cells
+             if cell.cell_type == "markdown"]
+    assert any("*Question:" in cell for cell in cells)
+    for cell in cells:
+        assert cell.count("*Question:") == cell.count("<details><summary>An answer</summary>") == cell.count(
+            "</details>"), cell[:200]
+
+
+def test_lesson_3_says_what_it_prints(executed):
+    """The numbers in lesson 3's text are the ones its cells print: each checkpoint's AP and how
+    concentrated each decoder's spatial maps are, layer by layer."""
+    notebook, _ = result(executed, "03_conditional_attention.ipynb")
+    text = " ".join(" ".join(cell.source for cell in notebook.cells if cell.cell_type == "markdown").split())
+    out = printed(notebook)
+    ap = dict(re.findall(r"(tiny_shapes\S*\.pth): 10 epochs, validation AP (\S+)", out))
+    assert f"AP {ap['tiny_shapes_detr.pth']} on the validation set, against the conditional model's " \
+           f"{ap['tiny_shapes.pth']} after the same 10 epochs" in text
+    peaks = {name: values.split() for name, values in
+             re.findall(r"(conditional|DETR-style): spatial maps' peak weight, mean over the heads, layers 1 to 3: (.*)", out)}
+    first, second, third = peaks["conditional"]
+    assert f"puts on average {second} of its weight on its brightest cell in layer 2 and {third} in layer 3" in text
+    assert f"it is broader ({first})" in text
+    assert len(set(peaks["DETR-style"])) == 1 and f"stay broad in every layer ({peaks['DETR-style'][0]})" in text

@@ -22,8 +22,9 @@ def load(source: str):
     return evaluate.load_model(source, preset=None)
 
 
-def validation_batch(indices, image_size: int = 128):
-    """Validation images `indices` (1-based) of the built-in shapes dataset. Returns the PIL
+def validation_batch(indices, image_size: int = 64):
+    """Validation images `indices` (1-based) of the built-in shapes dataset, resized to
+    `image_size` (64: as drawn, the tiny preset's size). Returns the PIL
     images, images (B, 3, H, W) and mask (B, H, W) True on padding from data.prepare, and
     targets: "labels" (M,), "boxes" (M, 4) normalized (cx, cy, w, h) (a resize leaves
     normalized coordinates unchanged) and "orig_size" (height, width)."""
