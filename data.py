@@ -226,7 +226,7 @@ def build_dataset(images_dir, annotation_file, train: bool, image_size: int = 80
 def compile_padding(image_size: int, max_size: int = 0) -> int:
     """The multiple that --compile pads batches to: a sixth of the longer side's limit, rounded
     up to 32 pixels, so that a batch takes one of at most 6 heights and 6 widths (COCO: 224 px,
-    so an 800 x 1066 batch becomes 896 x 1120, 18% more pixels; tiny: 64 px, 128 x 128 stays)."""
+    so an 800 x 1066 batch becomes 896 x 1120, 18% more pixels; tiny's 64 px images: 32 px, 64 x 64 stays)."""
     longest = longest_side(image_size, max_size) + 1    # the official rounding can add a pixel (official_resized_size)
     return (-(-longest // 6) + 31) // 32 * 32
 
