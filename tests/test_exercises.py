@@ -574,6 +574,11 @@ def test_the_teachers_capstone_table_is_the_committed_calibration():
                + ("trains like the reference" if run["exit_status"] == 0 else "trains differently")
                + f" | {run['wall_seconds'] / 60:.1f} min |")
         assert row in readme, row
+    band = capstone_calibration()["band"]
+    aps = [f"{run[-1]['AP']:.3f}" for run in band]
+    losses = [f"{capstone.last_layer_loss(run[-1]):.3f}" for run in band]
+    assert (f"AP after epoch {len(band[0])} of {aps[0]}, {aps[1]} and {aps[2]}, last-layer loss {losses[0]}, "
+            f"{losses[1]} and {losses[2]}") in " ".join(readme.split())
 
 
 def test_the_answer_keys_table_of_the_experiments_is_the_committed_logs():
