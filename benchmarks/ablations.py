@@ -20,7 +20,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from convergence import train_run  # noqa: E402  (it also puts the repository on the path)
+from convergence import schedule, train_run  # noqa: E402  (it also puts the repository on the path)
 import cdetr  # noqa: E402
 
 # name: (Config overrides, what p_q or s is, the paper's COCO AP (R50, 50 epochs), where)
@@ -68,15 +68,13 @@ def main():
     parser.add_argument("--results-dir", default=str(HERE / "results"))
     parser.add_argument("--reuse", action="store_true", help="skip runs whose log already has all their epochs")
     args = parser.parse_args()
-    tiny = cdetr.preset("tiny")
-    epochs = args.epochs or tiny.epochs
-    schedule = ["--epochs", str(epochs), "--set", f"lr_drop={epochs - (tiny.epochs - tiny.lr_drop)}"] if args.epochs else []
+    epochs = args.epochs or cdetr.preset("tiny").epochs
 
     start, runs = time.time(), {}
     for name in args.variants:
         sets = [f"{k}={v}" for k, v in VARIANTS[name][0].items()]
         runs[name] = {seed: train_run(Path(args.runs_dir) / f"{name}-seed{seed}",
-                                      ["--seed", str(seed), *schedule, *(["--set", *sets] if sets else [])],
+                                      ["--seed", str(seed), *schedule(epochs), *(["--set", *sets] if sets else [])],
                                       epochs, args.reuse, start)
                       for seed in args.seeds}
 

@@ -37,8 +37,9 @@ def main():
     parser.add_argument("--rejudge", action="store_true", help="train nothing: judge the committed runs again")
     args = parser.parse_args()
     rows = json.loads(RESULTS.read_text())["runs"] if RESULTS.exists() else {}
+    band = reference_band()
     for row in rows.values() if args.rejudge else []:
-        ok, row["verdict"] = verdict(row["log"], reference_band())
+        ok, row["verdict"] = verdict(row["log"], band)
         row["exit_status"] = 0 if ok else 1
         print(f"{row['module']}: status {row['exit_status']}, {row['verdict']}")
     for name in [] if args.rejudge else args.modules:
@@ -55,8 +56,8 @@ def main():
         rows[name] = {"module": name, "what": " ".join(what.split()), "exit_status": done.returncode,
                       "verdict": lines[-1], "wall_seconds": round(time.time() - began, 1), "log": read_log(out)}
         print(f"{name}: status {done.returncode}, {lines[-1]}", flush=True)
-    RESULTS.write_text(json.dumps({"band": reference_band(), "runs": rows}, indent=1) + "\n")
-    plot({name: row["log"] for name, row in rows.items()}, {"python train.py": reference_band()},
+    RESULTS.write_text(json.dumps({"band": band, "runs": rows}, indent=1) + "\n")
+    plot({name: row["log"] for name, row in rows.items()}, {"python train.py": band},
          RESULTS.with_suffix(".png"))
     print(f"wrote {RESULTS} and {RESULTS.with_suffix('.png').name}")
 

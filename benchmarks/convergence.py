@@ -58,6 +58,16 @@ def train_run(out: Path, train_args: list[str], epochs: int, reuse: bool, start:
     return [json.loads(line) for line in log.read_text().splitlines()]
 
 
+def schedule(epochs: int) -> list[str]:
+    """train.py's flags for the tiny preset's recipe run for `epochs`: a longer (or shorter) run
+    keeps the preset's last epochs at lr / 10; the preset's own length needs no flag (with seed
+    42 the run is then the `python train.py` command)."""
+    tiny = cdetr.preset("tiny")
+    if epochs == tiny.epochs:
+        return []
+    return ["--epochs", str(epochs), "--set", f"lr_drop={epochs - (tiny.epochs - tiny.lr_drop)}"]
+
+
 def first_epoch_reaching(values: list[float], level: float, lower_is_better: bool = False) -> int | None:
     """1-based epoch at which `values` first reaches `level` (AP: at least; loss: at most), or None."""
     return next((epoch for epoch, v in enumerate(values, 1) if (v <= level if lower_is_better else v >= level)), None)
@@ -162,7 +172,7 @@ def plot(curves: dict, path: Path):
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, loc="center right")
+    axes[1].legend(fontsize=8, loc="upper right")          # the empty corner above the loss curves
     fig.suptitle("conditional vs DETR-style cross-attention (with and without offsets), tiny preset on the shapes data")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -195,18 +205,13 @@ def main():
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="anything after -- goes to train.py")
     args = parser.parse_args()
     extra = [a for a in args.train_args if a != "--"]
-    tiny = cdetr.preset("tiny")
-    low_lr_epochs = tiny.epochs - tiny.lr_drop        # a longer schedule keeps the preset's epochs at lr / 10
-    epochs = {"conditional": args.epochs or tiny.epochs,
+    epochs = {"conditional": args.epochs or cdetr.preset("tiny").epochs,
               **dict(args.baseline_epochs)}
     seeds = {"conditional": args.seeds, **{d: args.baseline_seeds for d in BASELINES}}
     committed = json.loads(RESULTS.read_text()) if args.reuse_committed and RESULTS.exists() else {}
 
     logs, start = {d: {} for d in DECODERS}, time.time()
     for decoder in DECODERS:
-        # the preset's own schedule is left alone for the conditional runs (seed 42: `python train.py`)
-        schedule = ([] if epochs[decoder] == tiny.epochs else
-                    ["--epochs", str(epochs[decoder]), "--set", f"lr_drop={epochs[decoder] - low_lr_epochs}"])
         for seed in seeds[decoder]:
             kept = committed.get("runs", {}).get(decoder, {}).get(str(seed))
             if kept and len(kept) == epochs[decoder] and committed.get("subset") == args.subset:
@@ -214,7 +219,7 @@ def main():
                 continue
             logs[decoder][seed] = train_run(
                 Path(args.runs_dir) / f"{decoder}-seed{seed}-{epochs[decoder]}ep",
-                ["--decoder", decoder, "--seed", str(seed), *schedule,
+                ["--decoder", decoder, "--seed", str(seed), *schedule(epochs[decoder]),
                  *(["--subset", str(args.subset)] if args.subset else []), *extra],
                 epochs[decoder], args.reuse, start)
 

@@ -566,15 +566,15 @@ def test_the_capstone_calibration_is_todays_verdict_on_the_committed_runs():
 def test_the_teachers_capstone_table_is_the_committed_calibration():
     """Each run's row in the teacher's README: AP and last-layer loss per epoch, verdict, wall time."""
     import capstone
-    readme = (EXERCISES / "README.md").read_text()
-    for name, run in capstone_calibration()["runs"].items():
+    readme, calibration = (EXERCISES / "README.md").read_text(), capstone_calibration()
+    for name, run in calibration["runs"].items():
         row = (f"| {'`solutions.py`' if name == 'solutions' else f'`{name}.py`'} | "
                + " ".join(f"{r['AP']:.3f}" for r in run["log"]) + " | "
                + " ".join(f"{capstone.last_layer_loss(r):.3f}" for r in run["log"]) + " | "
                + ("trains like the reference" if run["exit_status"] == 0 else "trains differently")
                + f" | {run['wall_seconds'] / 60:.1f} min |")
         assert row in readme, row
-    band = capstone_calibration()["band"]
+    band = calibration["band"]
     aps = [f"{run[-1]['AP']:.3f}" for run in band]
     losses = [f"{capstone.last_layer_loss(run[-1]):.3f}" for run in band]
     assert (f"AP after epoch {len(band[0])} of {aps[0]}, {aps[1]} and {aps[2]}, last-layer loss {losses[0]}, "

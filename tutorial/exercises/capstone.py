@@ -16,9 +16,8 @@ with seeds 42, 1 and 2 (benchmarks/results/default_run.jsonl), as a band.
 The verdict, the last line: your run "trains like the reference" when its last-epoch AP, and
 its last layer's training loss in every epoch, lie within the band of those seeds widened by
 the margins below, and the exit status is 0; otherwise it "trains differently" and the status
-is 1. Which subtly
-wrong answers it separates, and which it cannot, is measured in the teacher's README. A few
-minutes on a 2-core laptop; whether each function is right is check.py's job.
+is 1. Which subtly wrong answers it separates, and which it cannot, is measured in the teacher's
+README. A few minutes on a 2-core laptop; whether each function is right is check.py's job.
 """
 
 import argparse
