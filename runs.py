@@ -150,8 +150,11 @@ def one_report_for_all_processes():
         first = first_to_stop()
         if os.environ.get("TORCHELASTIC_ERROR_FILE"):   # torchrun's closing summary quotes this instead of a link
             reason = (str(e).strip().splitlines() or [type(e).__name__])[-1] if first else "stopped: another process failed"
-            Path(os.environ["TORCHELASTIC_ERROR_FILE"]).write_text(json.dumps({"message": {
-                "message": reason, "extraInfo": {"py_callstack": reason, "timestamp": str(int(time.time()))}}}))
+            report = json.dumps({"message": {
+                "message": reason, "extraInfo": {"py_callstack": reason, "timestamp": str(int(time.time()))}}})
+            # atomically: torchrun ends the other processes when the first one fails, and reads
+            # their files; one ended mid-write left an empty file, which torchrun printed a traceback about
+            save_atomically(Path(os.environ["TORCHELASTIC_ERROR_FILE"]), lambda tmp: tmp.write_text(report))
         if first:
             raise
         sys.stdout.flush()
