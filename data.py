@@ -451,27 +451,37 @@ def draw_boxes(image: Image.Image, boxes: list, texts: list[str], colour: tuple,
     """A copy of `image` with absolute (x0, y0, x1, y1) boxes, each labelled with its text.
     Images under 512 pixels are enlarged by a whole factor first, so that a 128-pixel image
     still gets legible labels; labels sit above their box, or inside it at the top edge of the
-    picture, and never leave the picture. `title` goes in the top-left corner."""
+    picture, and never leave the picture. A label that would cover one already drawn (two
+    detections of one object, or boxes that start at one place) moves down below it, while the
+    picture has room. `title` goes in the top-left corner."""
     scale = max(1, 512 // max(image.size))
     image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
     pen = ImageDraw.Draw(image)
     font = ImageFont.load_default(size=max(12, round(max(image.size) / 40)))
     line = max(2, round(max(image.size) / 250))
+    drawn = []   # (x0, y0, x1, y1) of the labels so far
 
     def label(x: float, y_above: float, y_inside: float, text: str, fill: tuple):
         left, top, right, bottom = pen.textbbox((0, 0), text, font=font)
         w, h = right - left + 4, bottom - top + 4
         x = min(max(x, 0), image.width - w)
         y = y_above - h if y_above - h >= 0 else min(max(y_inside, 0), image.height - h)
+
+        def covered(y: float) -> list:
+            return [b for b in drawn if x < b[2] and b[0] < x + w and y < b[3] and b[1] < y + h]
+        while covered(y) and max(b[3] for b in covered(y)) + h <= image.height:
+            y = max(b[3] for b in covered(y))
+        drawn.append((x, y, x + w, y + h))
         pen.rectangle([x, y, x + w, y + h], fill=fill)
         pen.text((x + 2 - left, y + 2 - top), text, fill=(0, 0, 0) if sum(fill) > 380 else (255, 255, 255), font=font)
 
-    for (x0, y0, x1, y1), text in zip(boxes, texts):
-        x0, y0, x1, y1 = (v * scale for v in (x0, y0, x1, y1))
-        pen.rectangle([x0, y0, x1, y1], outline=colour, width=line)
-        label(x0, y0, y0, text, colour)
-    if title:
+    boxes = [[v * scale for v in box] for box in boxes]
+    for box in boxes:   # every box first: no outline crosses a label
+        pen.rectangle(box, outline=colour, width=line)
+    if title:   # first, so that it keeps its corner
         label(0, 0, 0, title, (255, 255, 255))
+    for (x0, y0, _, _), text in zip(boxes, texts):
+        label(x0, y0, y0, text, colour)
     return image
 
 

@@ -480,3 +480,18 @@ def test_collate_pads_up_to_a_multiple_with_the_padding_masked():
     assert (~mask[0]).sum() == 40 * 50 and not mask[0, :40, :50].any() and (~mask[1]).sum() == 20 * 70
     assert data.collate([(first, {}), (second, {})])[0].shape == (2, 3, 40, 70)     # no pad_to: the batch's largest
     assert [data.compile_padding(800), data.compile_padding(128), data.compile_padding(800, 1000)] == [224, 64, 192]
+
+
+def test_labels_of_boxes_at_one_place_do_not_cover_each_other():
+    """Two detections of one object (a duplicate, or one query with two classes) both show their
+    label: each label's yellow area is there in full, not one over the other."""
+    gray, yellow, box = Image.new("RGB", (64, 64), (90, 90, 90)), (255, 220, 0), [10, 20, 40, 50]
+
+    def yellow_pixels(texts):
+        drawn = np.asarray(data.draw_boxes(gray, [box] * 2, texts, yellow, title="title"))
+        return int((drawn == yellow).all(axis=-1).sum())
+
+    outlines = yellow_pixels([])
+    one = yellow_pixels(["ellipse 0.41"]) - outlines
+    both = yellow_pixels(["ellipse 0.41", "ellipse 0.39"]) - outlines
+    assert one > 0 and both == pytest.approx(2 * one, rel=0.1), (one, both)
