@@ -160,6 +160,9 @@ def test_the_compile_table_is_the_committed_result():
         assert [ours, fast] == [f"{want['seconds'][k] * 1000:.0f} ms" for k in ("ours", "ours compiled")], setting
         assert ratio == f"{want['compiled_vs_ours']:.2f}x", setting
         assert compile_time == f"{want['first_step_seconds']['ours compiled']:.0f} s", setting
+    assert f"Its training step gains {measured['tiny training step']['compiled_vs_ours']:.2f}x alone" in prose(BENCHMARKS)
+    seed_42 = next(run for run in log("default_run.jsonl") if run["seed"] == 42)
+    assert f"the same eager run took {seed_42['wall_seconds']:.0f} s on the machine of `default_run.jsonl`" in prose(BENCHMARKS)
 
 
 def test_the_fine_tuning_table_is_the_committed_result():
