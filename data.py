@@ -467,10 +467,10 @@ def draw_boxes(image: Image.Image, boxes: list, texts: list[str], colour: tuple,
         x = min(max(x, 0), image.width - w)
         y = y_above - h if y_above - h >= 0 else min(max(y_inside, 0), image.height - h)
 
-        def covered(y: float) -> list:
-            return [b for b in drawn if x < b[2] and b[0] < x + w and y < b[3] and b[1] < y + h]
-        while covered(y) and max(b[3] for b in covered(y)) + h <= image.height:
-            y = max(b[3] for b in covered(y))
+        def bottom_of_covered(y: float) -> float | None:   # of the labels drawn that one at y would cover
+            return max((b[3] for b in drawn if x < b[2] and b[0] < x + w and y < b[3] and b[1] < y + h), default=None)
+        while (bottom := bottom_of_covered(y)) is not None and bottom + h <= image.height:
+            y = bottom
         drawn.append((x, y, x + w, y + h))
         pen.rectangle([x, y, x + w, y + h], fill=fill)
         pen.text((x + 2 - left, y + 2 - top), text, fill=(0, 0, 0) if sum(fill) > 380 else (255, 255, 255), font=font)
