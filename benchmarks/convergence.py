@@ -1,31 +1,43 @@
-"""The paper's claim on your machine: the conditional decoder converges faster than DETR's.
+"""The paper's convergence claim at several feature-map sizes: how many epochs the conditional
+decoder and two DETR-style baselines need to reach the same AP.
 
-    python benchmarks/convergence.py                         # all runs (about 40 minutes on 2 cores)
-    python benchmarks/convergence.py --reuse-committed       # only the runs not in results/convergence.json
-    python benchmarks/convergence.py --seeds 42 --baseline-seeds 42 --baseline-epochs detr-offset=10 detr=10 --reuse   # a quick look
+    python benchmarks/convergence.py              # every size, decoder and seed: hours on 2 cores; resumable
+    python benchmarks/convergence.py --report     # the tables and the figure from the committed records
 
-Trains the tiny preset on the built-in shapes with train.py, once per seed and decoder:
-`--decoder conditional` with the preset's own schedule (10 epochs, lr / 10 for the last 2; with
-seed 42 this is the `python train.py` command), and two baselines for `--baseline-epochs` with
-the same recipe stretched (lr / 10 for their last 2 epochs): `--decoder detr-offset`, DETR's
-cross-attention with the predicted reference point and the offset regression of Eq. (1) (Table
-4's 36.9 row: the paper's model without the conditional spatial query, the one component this
-comparison then isolates), and `--decoder detr`, without the reference point and the offsets
-too (two components at once). Nothing else differs: the data order of epoch e depends only on
-(seed, e), so a longer schedule for one decoder changes neither the other's data nor its seed.
-COCO AP is evaluated after every epoch.
+The paper (Table 1) reaches with Conditional DETR-R50 in 75 epochs what DETR-R50 reaches in 500
+(6.7 times fewer), and explains it (§3.4, §1) by the cross-attention's search: DETR's content
+embedding must learn where an object's extremities are, on a feature map of about 25 x 34 cells
+for COCO at stride 32. The built-in shapes train on an 8 x 8 map. To see whether the number of
+places to search matters, this protocol trains the same data (data/shapes-64, resized by
+--image-size) at several sizes, so that only the feature map grows (8 x 8, 12 x 12, 16 x 16 at
+64, 96, 128 px: the objects keep their share of the image and cover more cells):
 
-Reports, for AP levels 0.01 ... 0.4, the first epoch at which each decoder gets there (median
-over seeds, with the range) and each baseline's ratio, marking lower bounds (">40") where a
-decoder never got there; and, as a second and smoother view, the epochs each decoder needs to
-bring its training loss down to the same level. Writes benchmarks/results/convergence.json and
-convergence.png (AP and training loss per epoch, the conditional seeds as a band). Runs made by
-different commits differ in float rounding and augmentation draws; the json keeps what it got.
+    - decoders: conditional (the paper), detr-offset (DETR's cross-attention with the reference
+      point and Eq. (1)'s offsets: Table 4's 36.9 row, the paper's model without the conditional
+      spatial query) and detr (without the reference point too);
+    - seeds: 3 conditional, 2 of each baseline; every run of this protocol on one thread
+      (OMP_NUM_THREADS=1), two runs at a time (--lanes), so every run of a size has the same
+      thread count and none is confounded with another's;
+    - the tiny recipe with no lr drop (--set lr_drop beyond the run), so every AP level is reached
+      at one learning rate;
+    - each run stops once its validation AP has reached the highest level (LEVELS), or at its
+      budget: the conditional runs at CONDITIONAL_EPOCHS, a baseline at BUDGET_FACTOR times the
+      conditional median at that size; a baseline that does not reach a level is a bound.
+
+One record per run in benchmarks/results/convergence_scale.json, written as each run ends; a
+run already recorded is not made again, and one interrupted continues from its checkpoint
+(train.py --resume), so the command can be stopped and started again. --report reads the records
+only: for every size and level each seed's first epoch, the medians and the ratios
+(baseline median / conditional median), and convergence_scale.png: the ratio against the number
+of key positions, with the seeds' spread.
 """
 
 import argparse
 import json
+import math
+import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -36,14 +48,19 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 import cdetr  # noqa: E402
+import data  # noqa: E402
 import runs  # noqa: E402
 
 BASELINES = ("detr-offset", "detr")     # Table 4: without the conditional spatial query; without s too
 DECODERS = ("conditional", *BASELINES)
 NAMES = {"conditional": "conditional", "detr-offset": "DETR-style + offsets", "detr": "DETR-style"}
-AP_LEVELS = (0.01, 0.05, 0.1, 0.2, 0.4)
-PAPER_SPEEDUP = 6.7   # Table 1: R50 at 75 epochs matches DETR-R50 at 500
-RESULTS = HERE / "results" / "convergence.json"
+SEEDS = {"conditional": (42, 1, 2), "detr-offset": (42, 1), "detr": (42, 1)}
+IMAGE_SIZES = (64, 96, 128)             # shapes-64 resized: 8 x 8, 12 x 12, 16 x 16 feature maps at stride 8
+LEVELS = (0.01, 0.05, 0.1, 0.2)         # AP levels compared; a run stops at the last
+BUDGET_FACTOR = 6                       # a baseline trains up to 6 x the conditional median epochs to the last level
+CONDITIONAL_EPOCHS = 30                 # the conditional runs' own budget
+NO_DROP = 10_000                        # lr_drop beyond any run: one learning rate throughout
+RESULTS = HERE / "results" / "convergence_scale.json"
 
 
 def train_run(out: Path, train_args: list[str], epochs: int, reuse: bool, start: float) -> list[dict]:
@@ -68,192 +85,157 @@ def schedule(epochs: int) -> list[str]:
     return ["--epochs", str(epochs), "--set", f"lr_drop={epochs - (tiny.epochs - tiny.lr_drop)}"]
 
 
-def first_epoch_reaching(values: list[float], level: float, lower_is_better: bool = False) -> int | None:
-    """1-based epoch at which `values` first reaches `level` (AP: at least; loss: at most), or None."""
-    return next((epoch for epoch, v in enumerate(values, 1) if (v <= level if lower_is_better else v >= level)), None)
+def first_epoch_reaching(values: list[float], level: float) -> int | None:
+    """1-based epoch at which `values` (AP per epoch) first reaches at least `level`, or None."""
+    return next((epoch for epoch, v in enumerate(values, 1) if v >= level), None)
 
 
-def epochs_to_reach(curves: list[list[float]], level: float, lower_is_better: bool = False) -> dict:
-    """Over seeds (curves of equal length): the median first epoch reaching `level` and the
-    range; a seed that never got there counts as length + 1, and a median there is a lower
-    bound. {"median", "min", "max", "lower_bound"}."""
-    length = len(curves[0])
-    reached = sorted(first_epoch_reaching(c, level, lower_is_better) or length + 1 for c in curves)
-    median = reached[len(reached) // 2]
-    return {"median": median, "min": reached[0], "max": reached[-1], "lower_bound": median > length, "length": length}
+def feature_map(image_size: int) -> list[int]:
+    """[h, w] of the tiny preset's stride-8 map for a square image of `image_size` pixels (each of
+    the ResNet's three stride-2 steps rounds up)."""
+    stride = 2 ** (cdetr.preset("tiny").backbone_stages + 1)
+    return [math.ceil(image_size / stride)] * 2
 
 
-def ratio_row(level: float, curves: dict[str, list[list[float]]], lower_is_better: bool = False) -> dict:
-    """One line of a table: the epochs each decoder needs, and for each baseline the ratio
-    baseline / conditional, with "ratio_bound" ">" when the baseline never got there and ">="
-    when the conditional decoder got there within its first epoch (the ratio is undefined when
-    the conditional one never did)."""
-    row = {"level": round(level, 4), "ratio": {}, "ratio_bound": {}}
-    for decoder, decoder_curves in curves.items():
-        row[decoder] = epochs_to_reach(decoder_curves, level, lower_is_better)
-    c = row["conditional"]
-    for baseline in (d for d in curves if d != "conditional"):
-        b = row[baseline]
-        # "not within N epochs" gives the bound N / conditional: the baseline needs more than that;
-        # a conditional decoder there within its first epoch may have needed less than an epoch
-        baseline_epochs = b["median"] - 1 if b["lower_bound"] else b["median"]
-        row["ratio"][baseline] = None if c["lower_bound"] else round(baseline_epochs / c["median"], 2)
-        row["ratio_bound"][baseline] = ">" if b["lower_bound"] else ">=" if c["median"] == 1 else ""
-    return row
+# ----------------------------------------------------------------------------------------
+# Making the runs: two lanes of one thread, each run stopped at the last level or its budget.
+# ----------------------------------------------------------------------------------------
 
 
-def ratio_text(row: dict, baseline: str) -> str:
-    ratio = row["ratio"][baseline]
-    return "n/a" if ratio is None else f"{row['ratio_bound'][baseline]}{ratio:.1f}x"
+def read_log(folder: Path) -> list[dict]:
+    log = folder / "log.jsonl"
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
 
 
-def describe(reach: dict) -> str:
-    """"8 (7-9)": median and range over seeds; ">40": not within the run's 40 epochs."""
-    epochs = lambda e: f">{reach['length']}" if e > reach["length"] else str(e)  # noqa: E731
-    spread = f" ({epochs(reach['min'])} to {epochs(reach['max'])})" if reach["min"] != reach["max"] else ""
-    return f"{epochs(reach['median'])}{spread}"
+def reached_last_level(log: list[dict]) -> bool:
+    return first_epoch_reaching([r["AP"] for r in log], LEVELS[-1]) is not None
 
 
-def markdown_table(results: dict) -> str:
-    """The README's table of the AP levels, from convergence.json's contents."""
-    def epochs(reach: dict) -> str:
-        text = lambda e: f"not within {reach['length']}" if e > reach["length"] else str(e)  # noqa: E731
-        spread = f" ({text(reach['min'])} to {text(reach['max'])})" if reach["min"] != reach["max"] else ""
-        return text(reach["median"]) + spread
-
-    def ratio(row: dict, baseline: str) -> str:
-        value, bound = row["ratio"][baseline], row["ratio_bound"][baseline]
-        return "n/a" if value is None else {">": "more than ", ">=": "at least ", "": ""}[bound] + f"{value:.1f}x"
-
-    baselines = [d for d in BASELINES if d in results["seeds"]]
-    seeds = lambda d: ", ".join(map(str, results["seeds"][d]))  # noqa: E731
-    lines = ["| AP reached | conditional, first epoch (median and range over seeds "
-             f"{seeds('conditional')}) | " + " | ".join(f"{NAMES[d]} (seed {seeds(d)}, {results['epochs'][d]} epochs) | "
-                                                         f"ratio" for d in baselines) + " |",
-             "| --- | --- | " + " | ".join("--- | ---" for _ in baselines) + " |"]
-    for row in results["ap_table"]:
-        lines.append(f"| {row['level']:g} | {epochs(row['conditional'])} | " +
-                     " | ".join(f"{epochs(row[d])} | {ratio(row, d)}" for d in baselines) + " |")
-    return "\n".join(lines)
+def record(job: dict, log: list[dict], threads: int, commit: str) -> dict:
+    """The json record of a finished run."""
+    return {"image_size": job["image_size"], "feature_map": feature_map(job["image_size"]), "decoder": job["decoder"],
+            "seed": job["seed"], "threads": threads, "ap": [r["AP"] for r in log], "loss": [r["train_loss"] for r in log],
+            "lr_drop": None, "epochs": len(log), "budget": job["budget"],
+            "stopped": f"reached AP {LEVELS[-1]}" if reached_last_level(log) else "budget",
+            "seconds": round(sum(r["epoch_time"] + r.get("eval_time", 0.0) for r in log)), "commit": commit}
 
 
-def print_table(title: str, rows: list[dict], fmt: str):
-    baselines = [d for d in BASELINES if d in rows[0]]
-    print(f"\n{title}")
-    print(f"{'level':>8} {'conditional':>16}" + "".join(f" {NAMES[d]:>22} {'ratio':>8}" for d in baselines))
-    for row in rows:
-        print(f"{row['level']:>8{fmt}} {describe(row['conditional']):>16}" +
-              "".join(f" {describe(row[d]):>22} {ratio_text(row, d):>8}" for d in baselines))
+def budget(job: dict, records: list[dict]) -> int | None:
+    """A job's epochs: CONDITIONAL_EPOCHS for the conditional decoder; for a baseline,
+    BUDGET_FACTOR x the conditional median at its size (None until those runs are recorded)."""
+    if job["decoder"] == "conditional":
+        return CONDITIONAL_EPOCHS
+    conditional = [r for r in records if r["image_size"] == job["image_size"] and r["decoder"] == "conditional"]
+    if len(conditional) < len(SEEDS["conditional"]):
+        return None
+    reach = epochs_to_reach(conditional, LEVELS[-1])
+    return math.ceil(BUDGET_FACTOR * reach["median"])
 
 
-def plot(curves: dict, path: Path):
-    """AP and training loss per epoch: the conditional seeds as a band (min to max) around
-    their median, the baseline's seeds as lines, and the conditional median stretched by the
-    paper's 6.7x for reference."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, metric, label in zip(axes, ("AP", "train_loss"), ("COCO AP (shapes validation)", "training loss")):
-        cond = curves["conditional"][metric]
-        epochs = range(1, len(cond[0]) + 1)
-        median = [statistics.median(v) for v in zip(*cond)]
-        ax.fill_between(epochs, [min(v) for v in zip(*cond)], [max(v) for v in zip(*cond)], color="tab:blue",
-                        alpha=0.25, lw=0, label=f"conditional, {len(cond)} seeds (range)")
-        ax.plot(epochs, median, color="tab:blue", marker="o", markersize=3, label="conditional, median")
-        for baseline, colour in zip((d for d in BASELINES if d in curves), ("tab:orange", "tab:red")):
-            for i, curve in enumerate(curves[baseline][metric]):
-                ax.plot(range(1, len(curve) + 1), curve, color=colour, marker="o", markersize=2, alpha=0.8,
-                        label=f"{NAMES[baseline]}, {len(curves[baseline][metric])} seed(s)" if i == 0 else None)
-        ax.plot([e * PAPER_SPEEDUP for e in epochs], median, color="tab:blue", ls="--", alpha=0.6,
-                label=f"conditional median, epochs x {PAPER_SPEEDUP} (the paper's speed-up)")
-        ax.set_xlim(0, max(len(c) for d in BASELINES if d in curves for c in curves[d][metric]) + 1)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8, loc="upper right")          # the empty corner above the loss curves
-    fig.suptitle("conditional vs DETR-style cross-attention (with and without offsets), tiny preset on the shapes data")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+def save_records(path: Path, records: list[dict], machine: dict):
+    order = lambda r: (r["image_size"], DECODERS.index(r["decoder"]), r["seed"])  # noqa: E731
+    runs.save_atomically(path, lambda tmp: tmp.write_text(json.dumps(
+        {"protocol": {"levels": LEVELS, "budget_factor": BUDGET_FACTOR, "conditional_epochs": CONDITIONAL_EPOCHS,
+                      "data": "data/shapes-64 resized to image_size", "preset": "tiny", "machine": machine},
+         "runs": sorted(records, key=order)}, indent=1) + "\n"))
 
 
-def baseline_epochs(text: str) -> tuple[str, int]:
-    """argparse type of --baseline-epochs: NAME=N, a baseline and its epochs."""
-    name, _, count = text.partition("=")
-    if name not in BASELINES or not count.isdigit() or int(count) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=N with NAME one of {', '.join(BASELINES)} and N at "
-                                         f"least 1, e.g. detr-offset=14")
-    return name, int(count)
+def make_runs(args):
+    from recipe import machine   # the CPU, its AVX-512/BF16/AMX, torch's version and the commit
+    about = machine()
+    commit = about.pop("commit")
+    about.pop("torch_threads")
+    records = json.loads(Path(args.results).read_text())["runs"] if Path(args.results).exists() else []
+    done = {(r["image_size"], r["decoder"], r["seed"]) for r in records}
+    jobs = [{"image_size": size, "decoder": decoder, "seed": seed, "budget": None}
+            for size in args.image_sizes for decoder in DECODERS for seed in SEEDS[decoder]
+            if (size, decoder, seed) not in done]
+    data.ensure_shapes_dataset(ROOT / args.shapes_dir)   # once, before two runs could both write it
+    running, start = {}, time.time()
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    try:
+        schedule_jobs(args, jobs, records, running, env, about, commit, start)
+    finally:   # stopped (Ctrl-C, an error): the runs stop too, with a checkpoint to continue from
+        for _, process in running.values():
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                process.wait()
+
+
+def schedule_jobs(args, jobs: list[dict], records: list[dict], running: dict, env: dict, about: dict, commit: str,
+                  start: float):
+    """Start jobs while a lane is free (a baseline once its size's conditional runs are recorded),
+    stop each at the last level, record each as it ends."""
+    while jobs or running:
+        for job in [j for j in jobs if len(running) < args.lanes]:
+            job["budget"] = budget(job, records)
+            if job["budget"] is None or len(running) >= args.lanes:
+                continue
+            jobs.remove(job)
+            folder = Path(args.runs_dir) / f"{job['image_size']}px-{job['decoder']}-seed{job['seed']}"
+            log = read_log(folder)
+            if reached_last_level(log) or len(log) >= job["budget"]:    # finished before an interruption
+                running[folder] = (job, None)
+                continue
+            resume = folder / "checkpoint.pth"
+            if not resume.exists():
+                shutil.rmtree(folder, ignore_errors=True)      # the protocol's own folder, never a user's run
+            command = [sys.executable, str(ROOT / "train.py"), "--output-dir", str(folder),
+                       "--image-size", str(job["image_size"]), "--decoder", job["decoder"], "--seed", str(job["seed"]),
+                       "--epochs", str(job["budget"]), "--set", f"lr_drop={NO_DROP}", "--shapes-dir", args.shapes_dir,
+                       *(["--resume", str(resume)] if resume.exists() else [])]
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(folder / "train.out", "a") as out:
+                process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+            running[folder] = (job, process)
+            print(f"[{time.time() - start:6.0f} s] {' '.join(command[1:])}", flush=True)
+        for folder, (job, process) in list(running.items()):
+            log = read_log(folder)
+            if process is not None and process.poll() is None:
+                if reached_last_level(log) and not job.get("stopping"):
+                    process.send_signal(signal.SIGTERM)       # train.py saves at this step and ends
+                    job["stopping"] = True
+                continue
+            if process is not None and process.returncode not in (0, 143):
+                sys.exit(f"{folder}: train.py ended with status {process.returncode}; see {folder / 'train.out'}")
+            del running[folder]
+            records.append(record(job, log, args.threads, commit))
+            save_records(Path(args.results), records, about)
+            curve = ", ".join(f"{r['AP']:.3f}" for r in log)
+            print(f"[{time.time() - start:6.0f} s] {folder.name}: {len(log)} epochs, AP {curve}", flush=True)
+        time.sleep(2)
+
+
+# ----------------------------------------------------------------------------------------
+# The report: epochs to each level, medians, ratios, and the figure.
+# ----------------------------------------------------------------------------------------
+
+
+def epochs_to_reach(group: list[dict], level: float) -> dict:
+    """Over the records of one size and decoder: each seed's first epoch at `level` (None when
+    not within its epochs), and the median over seeds, a lower bound ("bound": True) when a seed
+    in it did not get there (it counts as its epochs, which it needed more than)."""
+    firsts = [first_epoch_reaching(r["ap"], level) for r in group]
+    values = [f if f is not None else r["epochs"] for f, r in zip(firsts, group)]
+    median = statistics.median(values)
+    middle = sorted(zip(values, firsts))[(len(values) - 1) // 2:len(values) // 2 + 1]
+    return {"seeds": [r["seed"] for r in group], "epochs": firsts, "median": median,
+            "bound": any(f is None for _, f in middle)}
 
 
 def main():
     parser = runs.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2], help="seeds of the conditional runs")
-    parser.add_argument("--baseline-seeds", type=int, nargs="+", default=[42, 1], help="seeds of the baselines' runs")
-    parser.add_argument("--epochs", type=int, help="epochs of the conditional runs (default: the tiny preset's 10)")
-    parser.add_argument("--baseline-epochs", nargs="+", type=baseline_epochs, metavar="NAME=N",
-                        default=[("detr-offset", 25), ("detr", 25)],
-                        help="epochs of each baseline (default: detr-offset=25 detr=25)")
-    parser.add_argument("--subset", type=int, help="train on the first N shapes images only")
-    parser.add_argument("--runs-dir", default="runs/convergence", help="train.py output folders go here")
-    parser.add_argument("--results-dir", default=str(HERE / "results"))
-    parser.add_argument("--reuse", action="store_true", help="skip runs whose log already has all their epochs")
-    parser.add_argument("--reuse-committed", action="store_true",
-                        help=f"take runs of the same decoder, seed and length from {RESULTS.relative_to(ROOT)} "
-                             f"instead of training them again")
-    parser.add_argument("train_args", nargs=argparse.REMAINDER, help="anything after -- goes to train.py")
+    parser.add_argument("--image-sizes", type=int, nargs="+", default=list(IMAGE_SIZES),
+                        help="train.py --image-size of each size (the shapes are drawn at 64 px)")
+    parser.add_argument("--lanes", type=int, default=2, help="runs at a time")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of every run")
+    parser.add_argument("--runs-dir", default="runs/convergence-scale", help="train.py output folders go here")
+    parser.add_argument("--shapes-dir", default="data/shapes-64")
+    parser.add_argument("--results", default=str(RESULTS))
+    parser.add_argument("--report", action="store_true", help="only the tables and the figure from --results")
     args = parser.parse_args()
-    extra = [a for a in args.train_args if a != "--"]
-    epochs = {"conditional": args.epochs or cdetr.preset("tiny").epochs,
-              **dict(args.baseline_epochs)}
-    seeds = {"conditional": args.seeds, **{d: args.baseline_seeds for d in BASELINES}}
-    committed = json.loads(RESULTS.read_text()) if args.reuse_committed and RESULTS.exists() else {}
-
-    logs, start = {d: {} for d in DECODERS}, time.time()
-    for decoder in DECODERS:
-        for seed in seeds[decoder]:
-            kept = committed.get("runs", {}).get(decoder, {}).get(str(seed))
-            if kept and len(kept) == epochs[decoder] and committed.get("subset") == args.subset:
-                logs[decoder][seed] = kept
-                continue
-            logs[decoder][seed] = train_run(
-                Path(args.runs_dir) / f"{decoder}-seed{seed}-{epochs[decoder]}ep",
-                ["--decoder", decoder, "--seed", str(seed), *schedule(epochs[decoder]),
-                 *(["--subset", str(args.subset)] if args.subset else []), *extra],
-                epochs[decoder], args.reuse, start)
-
-    curves = {d: {m: [[r.get(m, 0.0) for r in logs[d][s]] for s in seeds[d]] for m in ("AP", "train_loss")}
-              for d in DECODERS}
-    ap_rows = [ratio_row(level, {d: curves[d]["AP"] for d in DECODERS}) for level in AP_LEVELS]
-    # loss levels: where the DETR-style baseline stands after a quarter, half and all of its epochs
-    baseline_loss = [statistics.median(v) for v in zip(*curves["detr"]["train_loss"])]
-    n = len(baseline_loss)
-    loss_levels = sorted({round(baseline_loss[e - 1], 3) for e in (n // 4, n // 2, n) if e >= 1}, reverse=True)
-    loss_rows = [ratio_row(level, {d: curves[d]["train_loss"] for d in DECODERS}, lower_is_better=True)
-                 for level in loss_levels]
-
-    results_dir = Path(args.results_dir)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    keep = ("epoch", "AP", "AP50", "AP75", "train_loss", "epoch_time", "eval_time")
-    (results_dir / "convergence.json").write_text(json.dumps(
-        {"epochs": epochs, "seeds": {d: seeds[d] for d in DECODERS}, "subset": args.subset, "train_args": extra,
-         "run_seconds": {d: {str(s): round(sum(r.get("epoch_time", 0) + r.get("eval_time", 0) for r in logs[d][s]))
-                             for s in seeds[d]} for d in DECODERS},
-         "ap_table": ap_rows, "loss_table": loss_rows,
-         "runs": {d: {str(s): [{k: r.get(k) for k in keep} for r in logs[d][s]] for s in seeds[d]} for d in DECODERS}},
-        indent=1))
-    plot(curves, results_dir / "convergence.png")
-
-    print_table("epochs to reach an AP level (median over seeds, range in brackets; '>N': not within N epochs)",
-                ap_rows, ".2f")
-    print_table("epochs to bring the training loss down to a level (the DETR-style baseline's after 1/4, 1/2, all "
-                "of its epochs)", loss_rows, ".3f")
-    for decoder in DECODERS:
-        final = [c[-1] for c in curves[decoder]["AP"]]
-        print(f"{decoder}: final AP {', '.join(f'{a:.3f}' for a in final)} (seeds {seeds[decoder]}, "
-              f"{epochs[decoder]} epochs)")
-    print(f"wrote {results_dir / 'convergence.json'} and convergence.png ({time.time() - start:.0f} s)")
+    if not args.report:
+        make_runs(args)
 
 
 if __name__ == "__main__":
