@@ -161,10 +161,14 @@ PRESETS = {
     # from DETR's early "mean box" plateau), 12 queries, no dropout, flips as the only
     # augmentation, batch 16 at a doubled lr, lr / 10 for the last 2 of 10 epochs. What each of
     # these bought, measured: benchmarks/README.md, "Towards a five-minute default run".
-    "tiny": dict(backbone="resnet18", backbone_stages=2, train_backbone="all", frozen_batchnorm=False,
-                 hidden_dim=128, nheads=8, enc_layers=1, dec_layers=3, dim_feedforward=256, dropout=0.0,
-                 num_queries=12, image_size=64, augment="flip", batch_size=16, lr=4e-4, lr_backbone=4e-4,
-                 epochs=10, lr_drop=8),
+    "tiny": (tiny := dict(backbone="resnet18", backbone_stages=2, train_backbone="all", frozen_batchnorm=False,
+                          hidden_dim=128, nheads=8, enc_layers=1, dec_layers=3, dim_feedforward=256, dropout=0.0,
+                          num_queries=12, image_size=64, augment="flip", batch_size=16, lr=4e-4, lr_backbone=4e-4,
+                          epochs=10, lr_drop=8)),
+    # [ours] the same model on the second built-in world (data/shapes-mixed: landscape images of
+    # mixed sizes, so every batch holds padding), resized to 128 px high: a map of 16 x 16 to 16 x 28
+    # cells, where an object spans several. The model does not grow with the map.
+    "tiny-mixed": dict(tiny, image_size=128, max_size=224, epochs=12, lr_drop=10),
     "r50": dict(),
     "r50-dc5": dict(dilation=True, batch_size=1),   # official DC5 script: 1 image per GPU
     "r101": dict(backbone="resnet101"),

@@ -2,7 +2,8 @@
 first), then safe readers of images and COCO files, and tools: the data doctor, pictures of
 boxes and the built-in synthetic "shapes" dataset that trains on a laptop CPU.
 
-    python data.py shapes --out data/shapes-64   # write the synthetic set in COCO layout
+    python data.py shapes                        # write the synthetic set in COCO layout (data/shapes-64)
+    python data.py shapes --world shapes-mixed   # the second world: mixed sizes (data/shapes-mixed)
     python data.py check data/my_coco            # what train.py would make of a dataset
 
 A dataset item is (image, target): image (3, H, W) float, ImageNet-normalized; target a dict
@@ -600,41 +601,59 @@ def check_dataset(images_dir: str | Path, annotation_file: str | Path, draw: int
     return report, names
 
 
-# The built-in synthetic dataset: filled shapes on a textured, noisy, colourful background.
+# The built-in synthetic datasets: filled shapes on a textured, noisy, colourful background.
 SHAPES = ("rectangle", "ellipse", "triangle")     # category ids 1, 2, 3
 # The second synthetic task (classes="colours", for fine-tuning): the same kind of scenes, but
 # the category is the fill colour, with ids that are not 1..N.
 COLOURS = {10: ("red", (220, 40, 40)), 20: ("green", (40, 170, 60)), 30: ("blue", (40, 70, 220)),
            40: ("yellow", (235, 215, 40))}
+# The built-in worlds, drawn on first use into data/<name> (make_shapes_dataset's settings).
+# shapes-64: every image 64 x 64, the five-minute default run's (preset tiny: an 8 x 8 map).
+# shapes-mixed: landscape images, the height 128 to 160 px and the width 1 to 1.75 times it,
+# so every batch holds padding (to its widest image); at preset tiny-mixed's 128 px the map is
+# 16 x 16 to 16 x 28 cells, and an object (16 to 64 px) spans about 2 to 8 of them, so a head can
+# sit at its extremities. train.py trains on the world its preset names in WORLD_OF_PRESET (else shapes-64).
+WORLDS = {
+    "shapes-64": dict(size=64, max_aspect=1.0, min_side=10, max_side=30),
+    "shapes-mixed": dict(size=(128, 160), max_aspect=1.75, min_side=16, max_side=64),
+}
+WORLD_OF_PRESET = {"tiny-mixed": "shapes-mixed"}
 
 
-def draw_shapes_image(rng: np.random.Generator, size: int, min_side: int, max_side: int,
+def world_folder(preset: str | None) -> Path:
+    """Where the built-in world of `preset` lives: data/shapes-64, or data/shapes-mixed for tiny-mixed."""
+    return Path("data") / WORLD_OF_PRESET.get(preset, "shapes-64")
+
+
+def draw_shapes_image(rng: np.random.Generator, size: int | tuple[int, int], min_side: int, max_side: int,
                       max_objects: int = 4, max_overlap: float = 0.2, classes: str = "shapes"):
-    """One image: a smooth random colour field, streaks and pixel noise, with 1..max_objects
-    filled shapes, later shapes drawn over earlier ones. classes="shapes": the category is the
-    shape (ids 1..3), the colour random; classes="colours": the shape is random, the category
-    is the fill colour (ids of COLOURS, each colour jittered by up to 20 per channel). Returns
-    the PIL image and one dict per shape: "category" (id), "box" (x0, y0, x1, y1) in pixels with
-    x1, y1 exclusive, tight around the shape's "mask" (size, size) bool, its pixels before occlusion."""
+    """One image of `size` pixels (a side, or (width, height)): a smooth random colour field,
+    streaks and pixel noise, with 1..max_objects filled shapes, later shapes drawn over earlier
+    ones. classes="shapes": the category is the shape (ids 1..3), the colour random;
+    classes="colours": the shape is random, the category is the fill colour (ids of COLOURS,
+    each colour jittered by up to 20 per channel). Returns the PIL image and one dict per shape:
+    "category" (id), "box" (x0, y0, x1, y1) in pixels with x1, y1 exclusive, tight around the
+    shape's "mask" (height, width) bool, its pixels before occlusion."""
+    width, height = (size, size) if isinstance(size, int) else size
     coarse = rng.uniform(40, 215, size=(4, 4, 3)).astype(np.uint8)
-    background = Image.fromarray(coarse).resize((size, size), Image.BICUBIC)
+    background = Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
     draw = ImageDraw.Draw(background)
     for _ in range(rng.integers(3, 8)):                # thin streaks: texture, not objects
-        points = [tuple(int(v) for v in rng.integers(0, size, 2)) for _ in range(2)]
+        points = [tuple(int(v) for v in rng.integers(0, (width, height))) for _ in range(2)]
         draw.line(points, fill=tuple(int(v) for v in rng.integers(0, 256, 3)), width=int(rng.integers(1, 3)))
     image = np.asarray(background.filter(ImageFilter.GaussianBlur(0.6)), dtype=np.float32)
     objects, placed = [], []
     for _ in range(rng.integers(1, max_objects + 1)):
         for _attempt in range(20):                     # rejection sampling for limited overlap
             w, h = rng.integers(min_side, max_side + 1, 2)
-            x0, y0 = rng.integers(0, size - w + 1), rng.integers(0, size - h + 1)
+            x0, y0 = rng.integers(0, width - w + 1), rng.integers(0, height - h + 1)
             box = np.array([x0, y0, x0 + w, y0 + h])
             if all(_overlap(box, other) <= max_overlap for other in placed):
                 break
         else:
             continue
         shape = int(rng.integers(1, len(SHAPES) + 1))
-        shape_mask = Image.new("L", (size, size))
+        shape_mask = Image.new("L", (width, height))
         pen = ImageDraw.Draw(shape_mask)
         x1, y1 = x0 + w - 1, y0 + h - 1
         if SHAPES[shape - 1] == "rectangle":
@@ -666,22 +685,36 @@ def _overlap(a: np.ndarray, b: np.ndarray) -> float:
     return iw * ih / min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
 
 
-def shapes_example(index: int, split: str = "val", seed: int = 0, size: int = 64, min_side: int = 10,
-                   max_side: int = 30, classes: str = "shapes"):
+def shapes_example(index: int, split: str = "val", seed: int = 0, size: int | tuple[int, int] = 64,
+                   min_side: int = 10, max_side: int = 30, classes: str = "shapes", max_aspect: float = 1.0):
     """Image `index` (1-based) of a split of the shapes dataset with these settings, drawn
-    directly: the same pixels and objects that make_shapes_dataset writes."""
-    rng = np.random.default_rng([seed, {"train": 0, "val": 1}[split], index])
-    return draw_shapes_image(rng, size, min_side, max_side, classes=classes)
+    directly: the same pixels and objects that make_shapes_dataset writes. `size` is the height,
+    or the range (lo, hi) it is drawn from; the width is 1 to `max_aspect` times it (a square
+    image of `size` when both leave no choice)."""
+    split_id = {"train": 0, "val": 1}[split]
+    low, high = (size, size) if isinstance(size, int) else size
+    if low == high and max_aspect == 1.0:
+        width = height = low
+    else:   # a generator of its own, so that the scene's draws do not depend on the size's
+        shape_rng = np.random.default_rng([seed, split_id, index, 1])
+        short = int(shape_rng.integers(low, high + 1))
+        width, height = int(round(short * shape_rng.uniform(1.0, max_aspect))), short
+    rng = np.random.default_rng([seed, split_id, index])
+    return draw_shapes_image(rng, (width, height), min_side, max_side, classes=classes)
 
 
-def make_shapes_dataset(out: str | Path, num_train: int = 2000, num_val: int = 300, size: int = 64,
-                        min_side: int = 10, max_side: int = 30, seed: int = 0, classes: str = "shapes") -> Path:
+def make_shapes_dataset(out: str | Path, num_train: int = 2000, num_val: int = 300, size: int | tuple[int, int] = 64,
+                        min_side: int = 10, max_side: int = 30, seed: int = 0, classes: str = "shapes",
+                        max_aspect: float = 1.0) -> Path:
     """Write the shapes dataset in COCO layout under `out` (train2017/, val2017/,
-    annotations/instances_{train,val}2017.json). Deterministic for a given seed.
-    classes: "shapes" (the category is the shape) or "colours" (it is the fill colour)."""
+    annotations/instances_{train,val}2017.json). Deterministic for a given seed. `size` and
+    `max_aspect`: each image's size (shapes_example); classes: "shapes" (the category is the
+    shape) or "colours" (it is the fill colour)."""
     out = Path(out)
-    if not 0 < min_side <= max_side <= size:
-        raise ValueError(f"need 0 < min_side <= max_side <= size, got {min_side}, {max_side}, {size}")
+    smallest = size if isinstance(size, int) else size[0]
+    if not 0 < min_side <= max_side <= smallest or max_aspect < 1:
+        raise ValueError(f"need 0 < min_side <= max_side <= the shorter side and max_aspect >= 1, got {min_side}, "
+                         f"{max_side}, {size}, {max_aspect}")
     if classes not in ("shapes", "colours"):
         raise ValueError(f"classes must be 'shapes' or 'colours', not {classes!r}")
     categories = ([{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(SHAPES)]
@@ -693,10 +726,10 @@ def make_shapes_dataset(out: str | Path, num_train: int = 2000, num_val: int = 3
         annotation_file.parent.mkdir(parents=True, exist_ok=True)
         coco = {"images": [], "annotations": [], "categories": categories}
         for image_id in range(1, count + 1):
-            image, objects = shapes_example(image_id, split, seed, size, min_side, max_side, classes)
+            image, objects = shapes_example(image_id, split, seed, size, min_side, max_side, classes, max_aspect)
             file_name = f"{image_id:06d}.png"
             image.save(images_dir / file_name)
-            coco["images"].append({"id": image_id, "file_name": file_name, "width": size, "height": size})
+            coco["images"].append({"id": image_id, "file_name": file_name, "width": image.width, "height": image.height})
             for shape in objects:
                 x0, y0, x1, y1 = shape["box"]
                 coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": image_id,
@@ -708,11 +741,12 @@ def make_shapes_dataset(out: str | Path, num_train: int = 2000, num_val: int = 3
     return out
 
 
-def ensure_shapes_dataset(out: str | Path, **kwargs) -> Path:
-    """Generate the shapes dataset unless `out` already holds one (used by train.py)."""
+def ensure_shapes_dataset(out: str | Path, world: str = "shapes-64") -> Path:
+    """Draw the built-in world `world` (a key of WORLDS) into `out` unless it already holds a
+    dataset (used by train.py)."""
     if not all(coco_paths(out, split)[1].is_file() for split in ("train", "val")):
-        print(f"generating the synthetic shapes dataset in {out} ...", flush=True)
-        make_shapes_dataset(out, **kwargs)
+        print(f"generating the synthetic {world} dataset in {out} ...", flush=True)
+        make_shapes_dataset(out, **WORLDS[world])
     return Path(out)
 
 
@@ -720,13 +754,16 @@ def main():
     import runs   # the command line's one-line errors (runs.py imports this file, so not at the top)
     parser = runs.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    shapes = sub.add_parser("shapes", help="write the synthetic shapes dataset in COCO layout")
-    shapes.add_argument("--out", default="data/shapes-64", help="output folder (default: data/shapes-64)")
+    shapes = sub.add_parser("shapes", help="write a synthetic shapes dataset in COCO layout")
+    shapes.add_argument("--world", choices=list(WORLDS), default="shapes-64",
+                        help="a built-in world's settings: shapes-64 (64 x 64 images) or shapes-mixed (landscape images "
+                             "of mixed sizes, 128 to 160 px high, 1 to 1.75 times as wide); the flags below override them")
+    shapes.add_argument("--out", help="output folder (default: data/<world>)")
     shapes.add_argument("--train", type=runs.positive_int, default=2000, help="number of training images")
     shapes.add_argument("--val", type=runs.positive_int, default=300, help="number of validation images")
-    shapes.add_argument("--size", type=runs.positive_int, default=64, help="image side in pixels")
-    shapes.add_argument("--min-side", type=runs.positive_int, default=10, help="smallest shape side in pixels")
-    shapes.add_argument("--max-side", type=runs.positive_int, default=30, help="largest shape side in pixels")
+    shapes.add_argument("--size", type=runs.positive_int, help="every image square, of this side in pixels")
+    shapes.add_argument("--min-side", type=runs.positive_int, help="smallest shape side in pixels")
+    shapes.add_argument("--max-side", type=runs.positive_int, help="largest shape side in pixels")
     shapes.add_argument("--seed", type=int, default=0, help="random seed (same seed, same dataset)")
     shapes.add_argument("--classes", choices=["shapes", "colours"], default="shapes",
                         help="what the category is: the shape (ids 1-3) or the fill colour (ids 10, 20, 30, 40)")
@@ -740,11 +777,17 @@ def main():
     args = parser.parse_args()
     start = time.time()
     if args.command == "shapes":
-        if not args.min_side <= args.max_side <= args.size:
-            parser.error(f"need --min-side <= --max-side <= --size, got {args.min_side}, {args.max_side}, {args.size}")
-        make_shapes_dataset(args.out, args.train, args.val, args.size, args.min_side, args.max_side, args.seed,
-                            args.classes)
-        print(f"wrote {args.train} training and {args.val} validation images to {args.out} in {time.time() - start:.1f} s")
+        settings = dict(WORLDS[args.world], **{k: v for k, v in (("min_side", args.min_side),
+                                                                  ("max_side", args.max_side)) if v is not None})
+        if args.size:
+            settings.update(size=args.size, max_aspect=1.0)
+        smallest = settings["size"] if isinstance(settings["size"], int) else settings["size"][0]
+        if not settings["min_side"] <= settings["max_side"] <= smallest:
+            parser.error(f"need --min-side <= --max-side <= the shorter image side, got {settings['min_side']}, "
+                         f"{settings['max_side']}, {smallest}")
+        out = args.out or f"data/{args.world}"
+        make_shapes_dataset(out, args.train, args.val, seed=args.seed, classes=args.classes, **settings)
+        print(f"wrote {args.train} training and {args.val} validation images to {out} in {time.time() - start:.1f} s")
         return
     if len(args.paths) == 1:
         splits = {split: coco_paths(args.paths[0], split) for split in ("train", "val")}

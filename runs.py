@@ -224,6 +224,8 @@ def open_run(args, main_process: bool, distributed: bool) -> Run:
                 setattr(args, key, value)
 
     builtin_data = not (args.coco_path or args.train_images)
+    if builtin_data and not args.shapes_dir:   # the built-in world the preset trains on
+        args.shapes_dir = str(data.world_folder(args.preset))
     if args.coco_path or builtin_data:
         root = args.coco_path or args.shapes_dir
         (args.train_images, args.train_annotations), (args.val_images, args.val_annotations) = (

@@ -38,7 +38,8 @@ def parse_args(argv=None):
     d.add_argument("--train-annotations", help="training annotation json of a COCO-format dataset")
     d.add_argument("--val-images", help="validation image folder")
     d.add_argument("--val-annotations", help="validation annotation json")
-    d.add_argument("--shapes-dir", default="data/shapes-64", help="where the built-in 64 px shapes dataset lives")
+    d.add_argument("--shapes-dir", help="where the built-in shapes dataset lives (default: data/shapes-64; "
+                                        "data/shapes-mixed with --preset tiny-mixed)")
     d.add_argument("--subset", type=runs.positive_int, help="train on N training images only")
     d.add_argument("--subset-seed", type=int, help="draw the --subset images at random with this seed (default: the first N)")
     d.add_argument("--skip-bad-images", action="store_true",
@@ -141,7 +142,7 @@ def main(argv=None):
     run = runs.open_run(args, main_process, distributed)
     cfg, origin = runs.resolve_config(args, run)
     if run.builtin_data and main_process:             # once every setting has been checked
-        data.ensure_shapes_dataset(args.shapes_dir)
+        data.ensure_shapes_dataset(args.shapes_dir, data.WORLD_OF_PRESET.get(args.preset, "shapes-64"))
     if distributed:
         dist.barrier()
 
