@@ -344,10 +344,11 @@ def main(argv=None):
     parser.add_argument("--num-workers", type=int, choices=range(0, 65), metavar="N", default=2)
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the model for dataset evaluation, batches padded as train.py --compile pads "
-                             "them (the GPU lever; no gain on a CPU, see the README)")
+                             "them (no gain on a CPU, untimed on GPUs: benchmarks/README.md)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", action="store_true",
-                        help="bfloat16 autocast: on a GPU, or a CPU with AVX512-BF16 or AMX (elsewhere it may be slower)")
+                        help="bfloat16 autocast, on a GPU or a CPU with AVX512-BF16 or AMX (elsewhere it may be slower); "
+                             "measured on CPUs only (benchmarks/README.md)")
     args = parser.parse_args(argv)
     if bool(args.images) != bool(args.annotations):
         parser.error("--images and --annotations go together")

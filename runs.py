@@ -16,6 +16,7 @@ real mistakes:
 
 import argparse
 import contextlib
+import fcntl
 import json
 import math
 import os
@@ -31,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 import cdetr
 import data
@@ -57,6 +59,8 @@ def report_input_errors():
             message = message.strip().splitlines()[-1].split(": ", 1)[-1]
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2 if isinstance(e, UsageError) else 1)
+    finally:   # a run's folder is free again (runs.output_folder), also when this runs in a test's process
+        release_folders()
 
 
 class UsageError(cdetr.InputError):
@@ -253,16 +257,64 @@ def open_run(args, main_process: bool, distributed: bool) -> Run:
 
 def output_folder(args) -> Path:
     """Where this run writes. --resume continues in the checkpoint's folder unless told
-    otherwise; a fresh run takes --output-dir if it holds no run yet, or else the first unused
-    runs/train, runs/train-2, ...: no run ever overwrites another."""
-    if args.output_dir is None:
-        return Path(args.resume).parent if args.resume else unused_dir("runs/train")
-    folder = Path(args.output_dir)
-    held = [name for name in RUN_FILES if (folder / name).exists()]
-    if held and not (args.resume and folder.resolve() == Path(args.resume).resolve().parent):
-        raise cdetr.InputError(f"--output-dir {folder}: already holds a run ({', '.join(held)}); continue it with "
-                               f"--resume {folder / 'checkpoint.pth'}, or choose a folder that holds none")
+    otherwise; a fresh run takes --output-dir if it holds no run yet, or else the first free
+    runs/train, runs/train-2, ...: no run ever overwrites another. A run holds its folder by a
+    lock (flock on the folder) for as long as it lives, taken before anything is written: a
+    second run that asks for the same folder at the same moment gets the next free number
+    instead, and a resume of a run that is still going is refused. A run that ends, however it
+    ends, lets go of the lock, so a folder left by a failed start is free again."""
+    if args.resume and Path(args.output_dir or Path(args.resume).parent).resolve() == Path(args.resume).resolve().parent:
+        folder = Path(args.resume).parent
+        if not lock_folder(folder):
+            raise cdetr.InputError(f"--resume {args.resume}: another run is writing to {folder} now; wait for it to "
+                                   f"end, or branch off into a new folder with --output-dir")
+        return folder
+    asked = Path(args.output_dir or "runs/train")
+    folder, n = asked, 2
+    while True:
+        held = [name for name in RUN_FILES if (folder / name).exists()]
+        if held and args.output_dir is not None and folder == asked:
+            raise cdetr.InputError(f"--output-dir {folder}: already holds a run ({', '.join(held)}); continue it with "
+                                   f"--resume {folder / 'checkpoint.pth'}, or choose a folder that holds none")
+        if not held and lock_folder(folder):
+            break
+        folder, n = asked.with_name(f"{asked.name}-{n}"), n + 1
+    if args.output_dir is not None and folder != asked:
+        print(f"warning: --output-dir {asked} is being used by another run started at the same time; this run "
+              f"writes to {folder}")
     return folder
+
+
+HELD = []   # (open folder, folders this process created for it): closing one lets go of its lock
+
+
+def lock_folder(folder: Path) -> bool:
+    """Take the lock of `folder` (flock on the folder itself, created if need be) for as long as
+    this process runs it; False if another process holds it."""
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError as e:
+        raise unwritable(folder, e) from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(handle)
+        return False
+    HELD.append((handle, created))
+    return True
+
+
+def release_folders():
+    """Let go of every folder this process holds, when a run ends (finish, a stop, an error);
+    a folder this process created and left empty (a run stopped at start-up) is removed."""
+    while HELD:
+        handle, created = HELD.pop()
+        for folder in created:
+            with contextlib.suppress(OSError):    # not empty, or gone: keep what is there
+                folder.rmdir()
+        os.close(handle)
 
 
 def warn_about_changed_flags(args, stored: dict):
@@ -428,6 +480,18 @@ def start(args, run: Run, model, cfg: cdetr.Config, origin: str, images: str, wo
     print(f"{origin}, decoder {cfg.decoder}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
           f"{images}, {world_size} process(es) on {device}, {per_step} images per optimizer step "
           f"({cfg.batch_size} x {args.gradient_accumulation_steps} accumulated x {world_size})")
+    recipe = cdetr.RECIPE_IMAGES_PER_STEP.get(args.preset)
+    if recipe and per_step != recipe and not run.pretrained:
+        accumulate = recipe / (cfg.batch_size * world_size)
+        fix = (f"--gradient-accumulation-steps {accumulate:.0f} restores it" if accumulate == int(accumulate) else
+               f"--gradient-accumulation-steps and --batch-size can restore it")
+        print(f"warning: preset {args.preset}'s recipe (lr {cfg.lr:g}) takes {recipe} images per optimizer step, this "
+              f"run {per_step}; {fix}")
+
+
+def unwritable(folder: Path, e: OSError) -> cdetr.InputError:
+    return cdetr.InputError(f"--output-dir {folder}: cannot be written ({type(e).__name__}: {e.strerror or e}); "
+                            f"choose another folder")
 
 
 def check_output_folder(folder: Path, model: torch.nn.Module):
@@ -440,8 +504,7 @@ def check_output_folder(folder: Path, model: torch.nn.Module):
         probe.write_bytes(b"0" * 1024)
         probe.unlink()
     except OSError as e:
-        raise cdetr.InputError(f"--output-dir {folder}: cannot be written ({type(e).__name__}: {e.strerror or e}); "
-                               f"choose another folder") from None
+        raise unwritable(folder, e) from None
     need = 2 * 3 * sum(p.numel() * p.element_size() for p in model.state_dict().values())
     free = shutil.disk_usage(folder).free
     if free < need:
@@ -484,6 +547,36 @@ class EpochSamples(torch.utils.data.Dataset):
                 return self.dataset[index]
             finally:
                 random.setstate(python_state)
+
+
+class Progress:
+    """An epoch's progress: tqdm's bar where stderr is a terminal; elsewhere (a SLURM log, CI,
+    nohup) a line every `every` seconds with the step, the loss, the lr and images per second,
+    not a bar redrawn hundreds of times into the file. Iterate over it as over `steps`, and
+    after each step call show(loss, lr)."""
+
+    def __init__(self, steps, desc: str, done: int, total: int, images_per_step: int, enabled: bool,
+                 every: float = 60.0):
+        self.steps, self.desc, self.done, self.total = steps, desc, done, total
+        self.images_per_step, self.every = images_per_step, every
+        self.bar = tqdm(steps, desc=desc, initial=done, total=total, dynamic_ncols=True) \
+            if enabled and sys.stderr.isatty() else None
+        self.lines = enabled and self.bar is None
+        self.started = self.last = time.monotonic()
+        self.first = done
+
+    def __iter__(self):
+        return iter(self.bar if self.bar is not None else self.steps)
+
+    def show(self, loss: float, lr: float):
+        self.done += 1
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
+        elif self.lines and (time.monotonic() - self.last >= self.every or self.done == self.total):
+            self.last = time.monotonic()
+            rate = (self.done - self.first) * self.images_per_step / max(self.last - self.started, 1e-9)
+            print(f"{self.desc}: step {self.done}/{self.total}, loss {loss:.3f}, lr {lr:.1e}, {rate:.1f} images/s",
+                  flush=True)
 
 
 def loading_worker_signals(worker_id: int):
@@ -568,6 +661,7 @@ class Checkpoints:
                 "" if saved else ", saving nothing") + (
                 f"; {checkpoint} holds {where(at)}; continue with\n  {resume_command(checkpoint)}" if at else
                 "; nothing was saved yet"), flush=True)
+        release_folders()
         sys.exit(128 + number)
 
 
@@ -582,6 +676,7 @@ def finite_loss(losses: dict, epoch: int, step: int, output_dir: Path) -> float:
     loss = losses["loss"].item()
     if not math.isfinite(loss):
         terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+        release_folders()
         sys.exit(f"error: non-finite loss at epoch {epoch + 1}, step {step + 1}: {terms}; stopped, the "
                  f"last good checkpoint is {output_dir / 'checkpoint.pth'} (try a lower --lr, and "
                  f"python data.py check on the data)")
@@ -719,5 +814,6 @@ def finish(run: Run, best_ap: float, main_process: bool, distributed: bool):
         history = [json.loads(line) for line in open(log)] if log.exists() else []
         curve = ", ".join(f"{r['epoch']}: {r['AP']:.3f}" for r in history if "AP" in r)
         print(f"done. AP per epoch: {curve}\nbest AP {best_ap:.3f}; checkpoints in {run.output_dir}")
+    release_folders()
     if distributed:
         dist.destroy_process_group()

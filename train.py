@@ -1,8 +1,8 @@
 """Train Conditional DETR: a plain PyTorch loop, read top to bottom.
 
     python train.py                                   # built-in shapes data, tiny preset, CPU
-    python train.py --coco-path /data/coco --preset r50          # ImageNet backbone, as the paper
-    torchrun --nproc_per_node=8 train.py --coco-path /data/coco --preset r50
+    torchrun --nproc_per_node=8 train.py --coco-path /data/coco --preset r50   # the paper's recipe: 8 GPUs x 2 images
+    python train.py --coco-path /data/coco --preset r50 --gradient-accumulation-steps 8   # the same on one GPU
     python train.py --coco-path /data/mine --init-from r50 --epochs 12             # fine-tune the COCO model
 
 Each epoch trains, evaluates COCO AP on the validation set, appends a line to
@@ -22,7 +22,6 @@ from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 import cdetr
 import data
@@ -70,10 +69,12 @@ def parse_args(argv=None):
     r = p.add_argument_group("running")
     r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     r.add_argument("--amp", action="store_true",
-                   help="bfloat16 autocast: on a GPU, or a CPU with AVX512-BF16 or AMX (elsewhere it may be slower)")
+                   help="bfloat16 autocast, on a GPU or a CPU with AVX512-BF16 or AMX (elsewhere it may be slower); "
+                        "measured on CPUs only (benchmarks/README.md)")
     r.add_argument("--compile", action="store_true",
                    help="torch.compile the model, with each batch padded up to a multiple of a sixth of the longer "
-                        "side so that few shapes occur (one compile each); the GPU lever, no gain on a CPU (README)")
+                        "side so that few shapes occur (one compile each); no gain on a CPU, untimed on GPUs "
+                        "(benchmarks/README.md)")
     r.add_argument("--num-workers", type=int, choices=range(0, 65), metavar="N",
                    help="data-loading processes (default: 0 on a CPU, where they would compete with the model for cores; 4 on CUDA)")
     r.add_argument("--seed", type=int, default=42)
@@ -204,10 +205,10 @@ def main(argv=None):
                                                  pin_memory=on_gpu, generator=torch.Generator())   # not the global one
             trained_model.train()
             start = time.time()
-            bar = tqdm(step_batches(loader, args.gradient_accumulation_steps), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                       initial=steps, total=steps + math.ceil(len(loader) / args.gradient_accumulation_steps),
-                       disable=not main_process, dynamic_ncols=True)
-            for batches in bar:
+            progress = runs.Progress(step_batches(loader, args.gradient_accumulation_steps), f"epoch {epoch + 1}/{cfg.epochs}",
+                                     steps, steps + math.ceil(len(loader) / args.gradient_accumulation_steps),
+                                     cfg.batch_size * args.gradient_accumulation_steps * world_size, main_process)
+            for batches in progress:   # a bar in a terminal, else a line a minute (a SLURM log)
                 optimizer.zero_grad(set_to_none=True)
                 losses = forward_backward(trained_model, criterion, batches, device, args.amp)
                 loss = runs.finite_loss(losses, epoch, steps, run.output_dir)   # NaN or inf: stop with one line
@@ -217,7 +218,7 @@ def main(argv=None):
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + v
                 steps, seen = steps + 1, seen + len(batches) * cfg.batch_size * world_size
-                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}")
+                progress.show(loss, optimizer.param_groups[0]["lr"])
                 # every --save-every minutes, and on SIGTERM or Ctrl-C (then it stops): checkpoint.pth
                 checkpoints.after_step(lambda: state(epoch, step=steps, samples=seen, sums=sums), epoch, steps)
             scheduler.step()

@@ -217,10 +217,134 @@ def epochs_to_reach(group: list[dict], level: float) -> dict:
     in it did not get there (it counts as its epochs, which it needed more than)."""
     firsts = [first_epoch_reaching(r["ap"], level) for r in group]
     values = [f if f is not None else r["epochs"] for f, r in zip(firsts, group)]
-    median = statistics.median(values)
-    middle = sorted(zip(values, firsts))[(len(values) - 1) // 2:len(values) // 2 + 1]
-    return {"seeds": [r["seed"] for r in group], "epochs": firsts, "median": median,
-            "bound": any(f is None for _, f in middle)}
+    middle = sorted(zip(values, [f is None for f in firsts]))[(len(values) - 1) // 2:len(values) // 2 + 1]
+    return {"seeds": [r["seed"] for r in group], "epochs": firsts, "budget": [r["epochs"] for r in group],
+            "median": statistics.median(values), "bound": any(bound for _, bound in middle)}
+
+
+def ratio(baseline: dict, conditional: dict) -> dict:
+    """Baseline median / conditional median, and its range over the seeds (the slowest
+    conditional seed against the fastest baseline seed, and the other way round); "bound": the
+    baseline's median (or the range's top) is a lower bound, its value "more than"."""
+    fastest = min(e if e is not None else b for e, b in zip(baseline["epochs"], baseline["budget"]))
+    slowest = max(e if e is not None else b for e, b in zip(baseline["epochs"], baseline["budget"]))
+    cond = [e for e in conditional["epochs"] if e is not None]
+    return {"median": baseline["median"] / conditional["median"], "bound": baseline["bound"],
+            "low": fastest / max(cond), "high": slowest / min(cond), "high_bound": None in baseline["epochs"]}
+
+
+def analyse(records: list[dict]) -> list[dict]:
+    """One row per feature-map size and level: every decoder's epochs_to_reach and each
+    baseline's ratio (None where the conditional seeds are not all there)."""
+    rows = []
+    for size in sorted({r["image_size"] for r in records}):
+        groups = {d: [r for r in records if r["image_size"] == size and r["decoder"] == d] for d in DECODERS}
+        if len(groups["conditional"]) < len(SEEDS["conditional"]):
+            continue
+        h, w = groups["conditional"][0]["feature_map"]
+        for level in LEVELS:
+            row = {"image_size": size, "feature_map": [h, w], "keys": h * w, "level": level}
+            row.update({d: epochs_to_reach(g, level) for d, g in groups.items() if g})
+            row["ratio"] = {d: ratio(row[d], row["conditional"]) for d in BASELINES if d in row
+                            and None not in row["conditional"]["epochs"]}
+            rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """benchmarks/README.md's table: per size and level, every seed's first epoch and the
+    median (">N": not within its N epochs), and each baseline's ratio with its range."""
+    def reach(cell: dict | None) -> str:
+        if cell is None:
+            return "not run"
+        seeds = ", ".join(str(e) if e is not None else f">{b}" for e, b in zip(cell["epochs"], cell["budget"]))
+        return f"{seeds} ({'>' if cell['bound'] else ''}{cell['median']:g})"
+
+    def times(cell: dict | None) -> str:
+        if cell is None:
+            return "n/a"
+        more = "more than " if cell["bound"] else ""
+        top = f"{'>' if cell['high_bound'] else ''}{cell['high']:.1f}"
+        return f"{more}{cell['median']:.1f}x ({cell['low']:.1f} to {top})"
+
+    lines = ["| feature map (keys) | AP | conditional, per seed (median) | " +
+             " | ".join(f"{NAMES[d]}, per seed (median) | ratio (range)" for d in BASELINES) + " |",
+             "| --- | --- | --- | " + " | ".join("--- | ---" for _ in BASELINES) + " |"]
+    for row in rows:
+        h, w = row["feature_map"]
+        lines.append(f"| {h} x {w} ({row['keys']}) | {row['level']:g} | {reach(row['conditional'])} | " +
+                     " | ".join(f"{reach(row.get(d))} | {times(row['ratio'].get(d))}" for d in BASELINES) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], records: list[dict], path: Path):
+    """convergence_scale.png. Left: each baseline's ratio (median, the seeds' range as a bar)
+    against the number of key positions, one line per AP level; a bound is an open marker.
+    Right: the epochs each decoder needs to reach the last level, every seed a dot, the medians
+    joined."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colours = {"conditional": "tab:blue", "detr-offset": "tab:orange", "detr": "tab:red"}
+    styles = dict(zip(LEVELS, ("o", "s", "^", "D")))
+    for baseline, shift in zip(BASELINES, (-0.03, 0.03)):
+        for level in LEVELS:
+            points = [r for r in rows if r["level"] == level and baseline in r["ratio"]]
+            if not points:
+                continue
+            x = [r["keys"] * (1 + shift) for r in points]
+            y = [r["ratio"][baseline]["median"] for r in points]
+            low = [r["ratio"][baseline]["median"] - r["ratio"][baseline]["low"] for r in points]
+            high = [r["ratio"][baseline]["high"] - r["ratio"][baseline]["median"] for r in points]
+            left.errorbar(x, y, yerr=[low, high], color=colours[baseline], marker=styles[level], capsize=3, lw=1,
+                          alpha=0.85, label=f"{NAMES[baseline]}, AP {level:g}",
+                          mfc="white" if any(r["ratio"][baseline]["bound"] for r in points) else colours[baseline])
+    left.axhline(1, color="grey", lw=0.8)
+    left.set_xscale("log")
+    left.set_xlabel("key positions (feature-map cells)")
+    left.set_ylabel("epochs of the baseline / epochs of the conditional decoder")
+    left.set_title("the speed-up against the feature map's size (median; bars: the seeds' range)", fontsize=9)
+    left.legend(fontsize=6.5, ncol=2)
+    level = LEVELS[-1]
+    for decoder in DECODERS:
+        for r in (r for r in rows if r["level"] == level and decoder in r):
+            cell = r[decoder]
+            for e, b in zip(cell["epochs"], cell["budget"]):
+                right.scatter(r["keys"], e if e is not None else b, color=colours[decoder],
+                              marker="o" if e is not None else "^", facecolors="none" if e is None else colours[decoder],
+                              s=22, zorder=3)
+        medians = [(r["keys"], r[decoder]["median"]) for r in rows if r["level"] == level and decoder in r]
+        if medians:
+            right.plot(*zip(*medians), color=colours[decoder], label=NAMES[decoder])
+    right.set_xscale("log")
+    right.set_xlabel("key positions (feature-map cells)")
+    right.set_ylabel(f"epochs to AP {level:g}")
+    right.set_title(f"epochs to reach AP {level:g}: every seed a dot (open triangle: not within its budget)",
+                    fontsize=9)
+    right.legend(fontsize=8)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        keys = sorted({r["keys"] for r in rows})
+        ax.set_xticks(keys, [f"{k}" for k in keys])
+        ax.minorticks_off()
+    fig.suptitle("conditional vs DETR-style cross-attention on the shapes at several feature-map sizes "
+                 "(tiny preset, no lr drop, one thread per run)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(results: Path):
+    """Print the table and write convergence_scale.png beside the records."""
+    if not results.is_file():
+        raise cdetr.InputError(f"{results}: no such file; make the runs first (python benchmarks/convergence.py)")
+    records = json.loads(results.read_text())["runs"]
+    rows = analyse(records)
+    print(markdown_table(rows))
+    plot(rows, records, results.with_suffix(".png"))
+    print(f"wrote {results.with_suffix('.png')}")
 
 
 def main():
@@ -236,6 +360,7 @@ def main():
     args = parser.parse_args()
     if not args.report:
         make_runs(args)
+    report(Path(args.results))
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ MISSING_INPUT = {
     "tutorial/exercises/capstone.py": ["--module", "no_such_file.py"],
     "tutorial/exercises/check.py": ["--module", "no_such_file.py"],
     "benchmarks/speed.py": ["--official", "no/such/checkout"],
-    "benchmarks/convergence.py": ["--baseline-epochs", "14"],
+    "benchmarks/convergence.py": ["--report", "--results", "no/such/convergence_scale.json"],
 }
 # Documented scripts that read nothing the user gives: they make their own data.
 NO_INPUT = {"benchmarks/ablations.py", "benchmarks/levers.py", "benchmarks/profile_step.py",

@@ -103,6 +103,12 @@ def test_one_epoch_then_evaluate(shapes, tmp_path):
     assert state["epoch"] == 0 and state["config"]["hidden_dim"] == 32 and state["config"]["num_classes"] == 4
     assert state["category_names"] == {1: "rectangle", 2: "ellipse", 3: "triangle"}
     assert (out / "best.pth").exists()
+    # not a terminal (here: captured), so progress is a line, not a bar redrawn into the file
+    assert re.search(r"^epoch 1/1: step 4/4, loss [\d.]+, lr 4\.0e-04, [\d.]+ images/s$", result.stdout, re.M)
+    assert "it/s" not in result.stderr and "\r" not in result.stderr
+    # batch 4 where the tiny recipe's lr was set for 16 images per step: one line says so, and how to restore it
+    assert ("warning: preset tiny's recipe (lr 0.0004) takes 16 images per optimizer step, this run 4; "
+            "--gradient-accumulation-steps 4 restores it") in result.stdout
 
     result = run("evaluate.py", "--weights", out / "best.pth", "--visualize", "2", "--num-workers", "0",
                  "--output", tmp_path / "eval")
@@ -112,6 +118,25 @@ def test_one_epoch_then_evaluate(shapes, tmp_path):
     gt = COCO(str(data.coco_paths(shapes, "val")[1]))
     gt.loadRes([d for d in detections if d["category_id"] in gt.getCatIds()])   # pycocotools accepts them
     assert len(list((tmp_path / "eval" / "visualize").glob("*.png"))) == 2
+
+
+def test_runs_started_together_each_claim_a_folder_of_their_own(shapes, tmp_path):
+    """Three runs with one --output-dir, started at the same moment (a job array, a class on one
+    machine): one takes the folder, the others the next free numbers, and say so; none writes
+    into another's."""
+    command = [sys.executable, str(ROOT / "train.py"), "--shapes-dir", str(shapes), "--output-dir", str(tmp_path / "run"),
+               *TINY, "--epochs", "1"]
+    started = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=os.environ | {"OMP_NUM_THREADS": "1"}) for _ in range(3)]
+    outputs = [p.communicate(timeout=300)[0] for p in started]
+    assert all(p.returncode == 0 for p in started), outputs
+    for folder in ("run", "run-2", "run-3"):
+        assert len((tmp_path / folder / "log.jsonl").read_text().splitlines()) == 1, folder
+    moved = [o for o in outputs if "is being used by another run started at the same time" in o]
+    assert len(moved) == 2 and all(f"--output-dir {tmp_path / 'run'} is being used" in o for o in moved)
+    # a folder that no run holds any more is free again: a run that failed at start-up leaves no claim
+    run("train.py", "--shapes-dir", shapes, "--output-dir", tmp_path / "empty", *TINY, "--set", "no_such=1", check=False)
+    assert train_run(shapes, tmp_path / "empty", "--epochs", "1").stdout.count("warning: --output-dir") == 0
 
 
 def test_resume_is_exact(shapes, tmp_path):
