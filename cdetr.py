@@ -453,11 +453,13 @@ class DecoderLayer(nn.Module):
 
         maps = None
         if return_attention:
-            # [ours] logits on the scale the layer used; for the conditional decoder
-            # content + spatial == combined exactly (Eq. (3)).
+            # [paper §3.4, Figure 1] the spatial maps: p_qᵀp_k for the conditional decoder, and for
+            # DETR's (c_q + o_q)ᵀp_k, the whole query against the key positions, so that they
+            # change with the image through c_q. [ours] Logits on the scale the layer used; for
+            # the conditional decoder content + spatial == combined exactly (Eq. (3)).
             scale = q.shape[-1] ** -0.5
             maps = {"content": q_content @ k_content.transpose(-2, -1) * scale,
-                    "spatial": q_spatial @ k_pos.transpose(-2, -1) * scale,
+                    "spatial": (q_spatial if self.conditional else q) @ k_pos.transpose(-2, -1) * scale,
                     "combined": q @ k.transpose(-2, -1) * scale}             # (B, nh, Q, HW)
         return tgt, maps
 
@@ -846,11 +848,18 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
 def cross_attention_maps(model: ConditionalDETR, images: Tensor, mask: Tensor, layer: int | None = -1) -> dict:
     """For paper Figures 1 and 4: the decoder's cross-attention weights, softmaxed over the
     image, for one layer (`layer`) or for all (None). Returns {"content", "spatial",
-    "combined"}: each (B, nh, Q, h, w), or (L, B, nh, Q, h, w) for all layers, with "spatial" =
-    softmax(p_q · p_k), "content" = softmax(c_q · c_k) and "combined" the weights the layer
-    really used; plus "outputs", the model's output dict. In the first decoder layer of the
-    conditional decoder c_q and c_k include o_q's projection and p_k (§3.5), so its "content"
-    map holds those terms too; from the second layer on it is content alone."""
+    "combined"}: each (B, nh, Q, h, w), or (L, B, nh, Q, h, w) for all layers, with "content"
+    = softmax(c_q · c_k), "combined" the weights the layer really used, and "spatial" the map
+    §3.4 draws in Figure 1: "The maps of our approach are computed by soft-max normalizing the
+    dot-products between spatial keys and queries, p_qᵀp_k. The maps for DETR are computed by
+    soft-max normalizing the dot-products with the spatial keys, (o_q + c_q)ᵀp_k." So for
+    decoder="conditional" softmax(p_q · p_k), and for "detr" and "detr-offset" softmax((c_q +
+    o_q) · p_k), each term projected as the layer projects it (W_c c_q + W_o o_q against W_p
+    p_k, per head): it depends on the image through c_q, from the second layer on (in the first
+    c_q comes from f = 0, the same for every image). Also "outputs", the model's output dict.
+    In the first decoder layer of the conditional decoder c_q and c_k include o_q's projection
+    and p_k (§3.5), so its "content" map holds those terms too; from the second layer on it is
+    content alone."""
     features, feature_mask = model.backbone(images, mask.bool())
     out = model.forward_features(features, feature_mask, return_attention=True)
     h, w = feature_mask.shape[-2:]

@@ -104,6 +104,34 @@ def test_attention_maps_decompose_and_normalize():
         assert maps[name][1, :, :, :, 4:].abs().max() == 0   # padded columns neither
 
 
+@pytest.mark.parametrize("decoder", ["detr", "detr-offset", "conditional"])
+def test_the_spatial_maps_are_the_papers_figure_1(decoder):
+    """§3.4: the conditional decoder's spatial map is softmax(p_qᵀp_k), DETR's softmax((c_q +
+    o_q)ᵀp_k), recomputed here from what the layer's own projections output (caught by hooks),
+    not from its attention code; from the second layer on DETR's depends on the image."""
+    torch.manual_seed(0)
+    model = cdetr.ConditionalDETR(tiny_config(decoder=decoder, dec_layers=3)).eval()
+    layer = model.decoder.layers[-1]
+    seen = {}
+    names = ["ca_qpos_sine_proj", "ca_kpos_proj"] if decoder == "conditional" else \
+        ["ca_qcontent_proj", "ca_qpos_proj", "ca_kpos_proj"]
+    for name in names:
+        getattr(layer, name).register_forward_hook(lambda m, args, out, name=name: seen.__setitem__(name, out))
+    images, mask = padded_batch()
+    maps = cdetr.cross_attention_maps(model, images, mask, layer=-1)
+    heads = lambda x: cdetr.split_heads(x, 4)  # noqa: E731   (B, nh, N, hd)
+    query = seen["ca_qpos_sine_proj"] if decoder == "conditional" else seen["ca_qcontent_proj"] + seen["ca_qpos_proj"]
+    hd = 32 // 4 * (2 if decoder == "conditional" else 1)     # the width of the layer's query per head
+    logits = heads(query) @ heads(seen["ca_kpos_proj"]).transpose(-2, -1) / hd ** 0.5
+    h, w = maps["spatial"].shape[-2:]
+    padding = torch.nn.functional.interpolate(mask[None].float(), size=(h, w))[0].bool().flatten(1)
+    expected = logits.masked_fill(padding[:, None, None], float("-inf")).softmax(-1).unflatten(-1, (h, w))
+    torch.testing.assert_close(maps["spatial"], expected)
+    # two images of one size: the last layer's spatial maps differ for DETR's too, through c_q
+    other = cdetr.cross_attention_maps(model, images.flip(0), mask, layer=-1)["spatial"]
+    assert (maps["spatial"] - other).abs().amax() > 1e-3
+
+
 def test_masked_cells_are_ignored():
     """After the CNN, whatever lies in padded cells changes nothing: the encoder and decoder
     never attend there and the key positions are normalized by the valid extent."""
