@@ -6,7 +6,7 @@
 Trains the tiny preset on the built-in shapes with train.py (the same code path as
 `python train.py`; the "csq" run with seed 42 is that command), changing only the
 Config switch of the variant: the spatial query of Table 3, the form of T of Fig. 5, the
-reference point of §4.3. Prints, beside the paper's COCO AP (R50, 50 epochs), each variant's
+reference point of §4.3. Prints, beside the paper's COCO AP (ResNet-50; §4.3 gives no epochs), each variant's
 AP on the shapes validation set at the last epoch, halfway, and its best; writes
 benchmarks/results/ablations.json and ablations.png (AP per epoch per variant).
 """
@@ -23,7 +23,7 @@ sys.path.insert(0, str(HERE))
 from convergence import schedule, train_run  # noqa: E402  (it also puts the repository on the path)
 import cdetr  # noqa: E402
 
-# name: (Config overrides, what p_q or s is, the paper's COCO AP (R50, 50 epochs), where)
+# name: (Config overrides, what p_q or s is, the paper's COCO AP (ResNet-50), where)
 VARIANTS = {
     "csq": ({}, "λ_q(f) ⊙ p_s (the paper)", 40.9, "Table 3"),
     "csq-c": ({"spatial_query": "csq-c"}, "f itself", 37.1, "Table 3"),

@@ -79,7 +79,7 @@ def measure(out: Path, log: list[dict], wall: float) -> dict:
     startup = wall - sum(busy)
     row = {"epochs": len(log), "steps_per_epoch": steps_per_epoch,
            "steps_per_second": round(steps_per_epoch * len(log) / sum(r["epoch_time"] for r in log), 2),
-           "AP": [round(r["AP"], 4) for r in log], "last_AP": round(log[-1]["AP"], 4), "wall_seconds": round(wall, 1)}
+           "AP": [r["AP"] for r in log], "last_AP": log[-1]["AP"], "wall_seconds": round(wall, 1)}
     for level in LEVELS:
         epoch = first_epoch_reaching([r["AP"] for r in log], level)
         row[f"to_{level}"] = None if epoch is None else {
@@ -94,7 +94,7 @@ def markdown_table(result: dict) -> str:
     lines = ["| step | what it changes | steps/s | AP 0.1 reached | AP 0.5 reached | last AP | whole run | commit |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['step']} | {r['change']} | {r['steps_per_second']:.1f} | {reached(r['to_0.1'])} | "
-              f"{reached(r['to_0.5'])} | {r['last_AP']:.3f} | {r['wall_seconds']:.0f} s | {r['commit']} |"
+              f"{reached(r['to_0.5'])} | {r['last_AP']:.4f} | {r['wall_seconds']:.0f} s | {r['commit']} |"
               for r in result["runs"] if r["seed"] == 42]
     return "\n".join(lines)
 
