@@ -5,6 +5,7 @@ by the real grader (a worker process per file)."""
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -97,7 +98,7 @@ def test_right_answers_in_another_style_score_and_a_large_negative_mask_is_accep
     ("import importlib\nhungarian_match = importlib.import_module('cd' + 'etr').HungarianMatcher()\n",
      "importing cdetr is not allowed"),
     ("import sys\nsys.path.insert(0, %r)\nfrom tutorial.common import *\n" % str(EXERCISES.parent.parent),
-     "importing cdetr is not allowed"),                                # reached through another module
+     "only exercises.py itself and installed packages"),                # reached through another module
     ("exec(open(%r).read())\n" % str(EXERCISES.parent.parent / "cdetr.py"), "opening"),
     ("import torch\nANSWERS = torch.load(%r)\n" % str(EXERCISES / "expected.pt"), "opening"),
     ("import subprocess\nsubprocess.run(['true'])\n", "starting programs"),
@@ -264,8 +265,8 @@ CLASSIC_MISTAKES = on_solutions("""
 
 EXPECTED_MESSAGES = {   # where the mistake is a known one, the message names it
     "1a box conversion": "largest error", "1b generalized IoU": "random: largest error",
-    "2 key position encoding": "mask (3, 6, 8), dim 32: largest error",
-    "3 reference point embedding": "largest error", "4 conditional spatial query": "layer 0: largest error",
+    "2 key position encoding": "mask (3, 6, 8), padded images, dim 32: largest error",
+    "3 reference point embedding": "largest error", "4 conditional spatial query": "first layer (layer 0): largest error",
     "5a one head of cross-attention": "largest error", "5b all heads": "padded keys: largest error",
     "6 box from the reference point": "box_from_reference: largest error",
     "7a focal matching cost": "largest error", "7b Hungarian matching": "not the lowest",
@@ -280,7 +281,8 @@ NAMED_MISTAKES = {
     "5b all heads": "the padding ignored", "6 box from the reference point": "added after the sigmoid",
     "9 post-processing": "boxes left normalized", "10 boxes under flip and resize": "corners left in place",
 }
-UPSTREAM = {"5b all heads": "it may call 5a, not correct yet: fix that first", "7b Hungarian matching": "1a, 1b, 7a",
+UPSTREAM = {"3 reference point embedding": "it may call 2, not correct yet: fix that first",
+            "5b all heads": "it may call 5a, not correct yet: fix that first", "7b Hungarian matching": "1a, 1b, 7a",
             "8 set loss": "it may call 1a, 1b, 7a, 7b, not correct yet: fix those first", "9 post-processing": "1a,",
             "12 a conditional decoder layer": "it may call 3, 4, 5a, 5b, not correct yet"}
 
@@ -317,27 +319,70 @@ def test_a_crash_names_the_students_line_and_an_endless_loop_is_stopped(tmp_path
                                                   "(it may call 7a, 7b, not correct yet: fix those first)")
 
 
-def test_the_gradescope_zip_grades_without_the_repository(tmp_path):
-    names = make_autograder.build(tmp_path / "autograder.zip", seed=5)
-    assert sorted(names) == ["cases.pt", "check.py", "expected.pt", "run_autograder", "setup.sh"]
-    root = tmp_path / "autograder"
-    with zipfile.ZipFile(tmp_path / "autograder.zip") as zf:
+@pytest.fixture(scope="module")
+def zips(tmp_path_factory) -> dict[int, Path]:
+    """The Gradescope zip built with seeds 5 and 77 (make_autograder.build refuses an unfair draw)."""
+    folder = tmp_path_factory.mktemp("zips")
+    for seed in (5, 77):
+        make_autograder.build(folder / f"autograder{seed}.zip", seed=seed)
+    return {seed: folder / f"autograder{seed}.zip" for seed in (5, 77)}
+
+
+def gradescope(zip_path: Path, root: Path, submission: dict[str, str]) -> dict:
+    """A fresh Gradescope machine: the zip unpacked into root/source, the files handed in under
+    root/submission, run_autograder run; its results.json."""
+    shutil.rmtree(root, ignore_errors=True)
+    with zipfile.ZipFile(zip_path) as zf:
         zf.extractall(root / "source")
-    for name in ("cases.pt", "expected.pt"):     # the teacher's cases, not the students'
-        assert (root / "source" / name).read_bytes() != (EXERCISES / name).read_bytes()
     (root / "submission").mkdir()
-    (root / "submission" / "my_answers.py").write_text((EXERCISES / "solutions.py").read_text())
+    for name, text in submission.items():
+        (root / "submission" / name).write_text(text)
     env = {**os.environ, "AUTOGRADER_ROOT": str(root), "PYTHON": sys.executable, "PYTHONPATH": ""}
     run = subprocess.run(["bash", str(root / "source" / "run_autograder")], capture_output=True, text=True, env=env,
-                         cwd=tmp_path)
+                         cwd=root)
     assert run.returncode == 0, run.stdout + run.stderr
-    report = json.loads((root / "results" / "results.json").read_text())
+    return json.loads((root / "results" / "results.json").read_text())
+
+
+def test_the_gradescope_zip_grades_without_the_repository(zips, tmp_path):
+    with zipfile.ZipFile(zips[5]) as zf:
+        assert sorted(zf.namelist()) == ["cases.pt", "check.py", "expected.pt", "run_autograder", "setup.sh"]
+        for name in ("cases.pt", "expected.pt"):     # the teacher's cases, not the students'
+            assert zf.read(name) != (EXERCISES / name).read_bytes()
+    root = tmp_path / "autograder"
+    report = gradescope(zips[5], root, {"my_answers.py": (EXERCISES / "solutions.py").read_text()})
     assert report["score"] == sum(check.POINTS.values()) == 26, report["output"]   # no cdetr.py or solutions.py in reach
     assert {t["name"]: t["max_score"] for t in report["tests"]} == check.POINTS
-    (root / "submission" / "my_answers.py").write_text("def oops(:\n")
-    subprocess.run(["bash", str(root / "source" / "run_autograder")], capture_output=True, env=env, check=True)
-    report = json.loads((root / "results" / "results.json").read_text())
+    assert not (root / "source" / "expected.pt").exists()      # read, then deleted before the student's code ran
+    report = gradescope(zips[5], root, {"my_answers.py": "def oops(:\n"})
     assert report["score"] == 0 and "SyntaxError" in report["output"]
+
+
+def test_on_gradescope_neither_the_answers_nor_another_handed_in_file_can_be_reached(zips, tmp_path):
+    """A file that loads the answers through a symlink, and one that imports the solutions handed
+    in beside it under another name, score nothing through the zip."""
+    through_a_link = """
+        import os, pathlib, torch
+        link = pathlib.Path(os.environ.get("TMPDIR", "/tmp")) / "notes.bin"
+        os.symlink(pathlib.Path.cwd() / "expected.pt", link)      # the worker runs in the source folder
+        ANSWERS = torch.load(link)
+    """
+    guard_off = """
+        import gc, pathlib, torch
+        for thing in gc.get_objects():         # a fence inside one's own process can be climbed...
+            if type(thing).__name__ == "Guard":
+                thing.armed = False
+        ANSWERS = torch.load(pathlib.Path.cwd() / "expected.pt")    # ...but on Gradescope the answers are gone
+    """
+    beside = """
+        import os, sys
+        sys.path.insert(0, os.path.join(os.environ.get("AUTOGRADER_ROOT", "/autograder"), "submission"))
+        from helpers import *
+    """
+    for submission in ({"exercises.py": textwrap.dedent(through_a_link)}, {"exercises.py": textwrap.dedent(guard_off)},
+                       {"exercises.py": textwrap.dedent(beside), "helpers.py": (EXERCISES / "solutions.py").read_text()}):
+        report = gradescope(zips[77], tmp_path / "autograder", submission)
+        assert report["score"] == 0, report["output"]
 
 
 # A submission that answers 1a and 1b from a table of the hand-out's cases and answers, embedded
@@ -371,30 +416,76 @@ def generalized_box_iou(boxes1, boxes2):
 """
 
 
-def test_a_file_that_answers_from_the_handout_scores_nothing_through_the_teachers_build(tmp_path):
-    """It scores on the students' own cases, as any table would; the teacher's zip grades on
-    cases of another draw, where it scores nothing, while solutions.py scores full marks on
-    draws of any seed (make_autograder.build refuses to write a zip otherwise)."""
+def test_a_file_that_answers_from_the_handout_scores_nothing_through_the_teachers_build(zips, tmp_path):
+    """On the students' own cases its values are right, as any table's would be, but a table has no
+    gradient, which is graded too; the teacher's zip grades on cases of another draw, where it
+    scores nothing, while solutions.py scores full marks on draws of any seed (make_autograder.build
+    refuses to write a zip otherwise)."""
     import torch
     cases, expected = (torch.load(EXERCISES / name, weights_only=True) for name in ("cases.pt", "expected.pt"))
     flat = lambda t: (t.flatten().tolist(), tuple(t.shape))  # noqa: E731
-    table_1a = [(flat(c["boxes"]), flat(e["box_cxcywh_to_xyxy"]), flat(e["box_xyxy_to_cxcywh"]))
+    table_1a = [(flat(c["boxes"]), flat(e["value"]["box_cxcywh_to_xyxy"]), flat(e["value"]["box_xyxy_to_cxcywh"]))
                 for c, e in zip(cases["1a box conversion"], expected["1a box conversion"])]
-    table_1b = [(flat(c["boxes1"]), flat(c["boxes2"]), flat(e))
+    table_1b = [(flat(c["boxes1"]), flat(c["boxes2"]), flat(e["value"]))
                 for c, e in zip(cases["1b generalized IoU"], expected["1b generalized IoU"])]
     cheat = tmp_path / "cheat.py"
     cheat.write_text(ANSWERS_FROM_THE_HANDOUT.format(table_1a=table_1a, table_1b=table_1b))
-    on_the_handout = {name: status for name, status, _ in check.grade(str(cheat), ["1a box conversion", "1b generalized IoU"])[0]}
-    assert on_the_handout == {"1a box conversion": "correct", "1b generalized IoU": "correct"}
-    for seed in (5, 77):
-        make_autograder.build(tmp_path / f"autograder{seed}.zip", seed=seed)   # solutions.py: full marks, or no zip
+    on_the_handout = check.grade(str(cheat), ["1a box conversion", "1b generalized IoU"])[0]
+    for _, status, detail in on_the_handout:
+        assert status == "different" and "values right, but the gradient with respect to" in detail, detail
+    for seed, zip_path in zips.items():                  # solutions.py: full marks, or no zip
         source = tmp_path / f"source{seed}"
-        with zipfile.ZipFile(tmp_path / f"autograder{seed}.zip") as zf:
+        with zipfile.ZipFile(zip_path) as zf:
             zf.extractall(source)
         graded = subprocess.run([sys.executable, str(source / "check.py"), "--module", str(cheat), "1a", "1b",
                                  "--json", str(source / "results.json")], capture_output=True, text=True, cwd=tmp_path)
         report = json.loads((source / "results.json").read_text())
         assert report["score"] == 0, graded.stdout
+
+
+def test_every_draw_in_use_is_fair_and_an_unfair_one_is_refused(zips, tmp_path):
+    """The students' practice cases and the zips' draws (seeds 5 and 77, which build() checked
+    before writing them) give every right way of writing an answer full marks and every known
+    mistake, gradient-only ones included, "different". A draw that could not tell swapped matching
+    weights apart, or whose logits saturate float32 so that an accurate focal cost fails, is
+    refused, naming why."""
+    import torch
+    import make_fixtures
+    assert make_autograder.unfair(EXERCISES) == []
+    assert set(zips) == {5, 77}
+    copy = tmp_path / "draw"
+    copy.mkdir()
+    shutil.copy(EXERCISES / "check.py", copy / "check.py")
+    cases, expected = (torch.load(EXERCISES / name, weights_only=True) for name in ("cases.pt", "expected.pt"))
+    matching, focal = "7b Hungarian matching", "7a focal matching cost"
+    cases[matching], expected[matching] = cases[matching][:1], expected[matching][:1]   # one image, default costs
+    expected[check.KNOWN_MISTAKES][matching] = expected[check.KNOWN_MISTAKES][matching][:1]
+    for case in cases[focal]:
+        case["logits"] = case["logits"] * 4                                           # up to ±24: saturated
+    expected[focal] = make_fixtures.answers(focal, cases[focal])
+    torch.save(cases, copy / "cases.pt")
+    torch.save(expected, copy / "expected.pt")
+    problems = make_autograder.unfair(copy, only=["matcher weights swapped", "focal cost by logsigmoid"])
+    assert any(p.startswith("matcher weights swapped (a mistake) is correct on 7b") for p in problems), problems
+    assert any(p.startswith("focal cost by logsigmoid (right) is different on 7a") for p in problems), problems
+
+
+def test_gradient_only_mistakes_are_different_and_named(tmp_path):
+    results = graded(tmp_path, on_solutions("""
+        def conditional_spatial_query(layer, f, p_s, query_scale):
+            return p_s if layer == 0 else query_scale(f).detach() * p_s
+
+        def box_from_reference(box_offsets, reference):
+            return s.box_from_reference(box_offsets, reference.detach())
+    """), "4", "6")
+    for name, what, mistake in [("4 conditional spatial query", "f", "λ_q detached"),
+                                ("6 box from the reference point", "reference", "the reference point detached")]:
+        status, detail = results[name]
+        assert status == "different", detail
+        assert f"values right, but the gradient with respect to {what} is missing" in detail, detail
+        assert f"this is what {mistake}" in detail, detail
+    assert "right on 'first layer (layer 0)'; different on 'a later layer (layer 1)' and 'a later layer (layer 2)'" \
+        in results["4 conditional spatial query"][1]
 
 
 def test_points_follow_the_difficulty_marked_in_the_exercises_and_the_guide():
@@ -427,29 +518,110 @@ def test_show_case_prints_the_inputs_a_message_names_and_not_the_answers():
     assert shown.returncode == 0 and [line[:-1] for line in shown.stdout.splitlines() if line.startswith("7a, ")] == \
         [f"7a, {case['label']}" for case in cases]
     assert "logits = tensor(" in shown.stdout and "labels = tensor(" in shown.stdout
-    answer = torch.load(EXERCISES / "expected.pt", weights_only=True)["7a focal matching cost"][0]
+    answer = torch.load(EXERCISES / "expected.pt", weights_only=True)["7a focal matching cost"][0]["value"]
     assert f"{answer[0, 0].item():.4f}" not in shown.stdout
     unknown = in_process([sys.executable, str(EXERCISES / "check.py"), "--show-case", "13"], cwd=EXERCISES)
     assert unknown.returncode == 1 and unknown.stderr.startswith("error: --show-case 13: no exercise starts with that")
 
 
-def test_the_handout_command_leaves_out_every_answer_and_still_grades(tmp_path):
-    """The teacher's README's one command, run as written (the committed tree): no solutions,
-    answer key, fixture maker or test file with answers in the copy; its grader still runs."""
+@pytest.mark.parametrize("folder", [".", "tutorial/exercises"])
+def test_the_handout_command_works_from_any_folder_and_leaves_out_every_answer(folder):
+    """The teacher's README's one command, run as written from the root and from this folder: it
+    writes handout/ at the root, which git ignores, with no solutions, answer key, fixture maker,
+    variants or test file with answers; its grader still runs."""
+    root = EXERCISES.parent.parent
+    handout = root / "handout"
+    if handout.exists():
+        pytest.skip(f"{handout} exists (a teacher's copy): the command refuses to write over it")
     readme = (EXERCISES / "README.md").read_text()
-    command = next(line for line in readme.splitlines() if line.startswith("mkdir handout && git archive"))
-    handout = tmp_path / "handout"
-    subprocess.run(["bash", "-c", command.replace("handout", str(handout))], cwd=EXERCISES.parent.parent, check=True)
-    kept = {str(p.relative_to(handout)) for p in handout.rglob("*") if p.is_file()}
-    for left_out in ("tutorial/exercises/solutions.py", "tutorial/exercises/answers.md", "tutorial/exercises/make_fixtures.py",
-                     "tutorial/exercises/make_autograder.py", "tests/test_exercises.py"):
-        assert left_out not in kept
-    assert {"cdetr.py", "train.py", "tutorial/exercises/exercises.py", "tutorial/exercises/check.py",
-            "tutorial/exercises/cases.pt", "tutorial/exercises/expected.pt"} <= kept
-    graded = subprocess.run([sys.executable, "check.py", "1a"], cwd=handout / "tutorial" / "exercises",
-                            capture_output=True, text=True)
-    assert graded.returncode == 0 and "1a box conversion" in graded.stdout and "not implemented" in graded.stdout, \
-        graded.stdout + graded.stderr
+    command = next(line for line in readme.splitlines() if line.startswith("root=$(git rev-parse --show-toplevel)"))
+    try:
+        subprocess.run(["bash", "-c", command], cwd=root / folder, check=True)
+        assert subprocess.run(["git", "check-ignore", "-q", "handout"], cwd=root).returncode == 0
+        kept = {str(p.relative_to(handout)) for p in handout.rglob("*") if p.is_file()}
+        for left_out in ("solutions.py", "answers.md", "make_fixtures.py", "make_autograder.py", "variants.py"):
+            assert f"tutorial/exercises/{left_out}" not in kept
+        assert "tests/test_exercises.py" not in kept
+        assert {"cdetr.py", "train.py", "tutorial/exercises/exercises.py", "tutorial/exercises/check.py",
+                "tutorial/exercises/cases.pt", "tutorial/exercises/expected.pt"} <= kept
+        graded = subprocess.run([sys.executable, "check.py", "1a"], cwd=handout / "tutorial" / "exercises",
+                                capture_output=True, text=True)
+        assert graded.returncode == 0 and "1a box conversion" in graded.stdout and "not implemented" in graded.stdout, \
+            graded.stdout + graded.stderr
+        again = subprocess.run(["bash", "-c", command], cwd=root / folder, capture_output=True, text=True)
+        assert again.returncode != 0 and "File exists" in again.stderr      # a second run writes over nothing
+    finally:
+        shutil.rmtree(handout, ignore_errors=True)
+
+
+def test_no_file_can_read_the_answers_or_the_reference_however_it_reaches_them(tmp_path):
+    """Each trick a teacher found, as a student's file: every one scores nothing, with a reason."""
+    (tmp_path / "exercises").mkdir()
+    (tmp_path / "exercises" / "notes.bin").symlink_to(tmp_path / "exercises" / "expected.pt")   # made beforehand
+    tricks = {
+        "link_at_import.py": """
+            import os, pathlib, tempfile, torch
+            link = pathlib.Path(tempfile.mkdtemp()) / "notes.bin"
+            os.symlink(pathlib.Path(__file__).with_name("expected.pt"), link)
+            ANSWERS = torch.load(link)
+        """,
+        "link_made_before.py": """
+            import pathlib, torch
+            ANSWERS = torch.load(pathlib.Path(__file__).with_name("notes.bin"))
+        """,
+        "hard_link_made_before.py": """
+            import pathlib, torch
+            ANSWERS = torch.load(pathlib.Path(__file__).with_name("copy_of_notes.bin"))
+        """,
+        "profile_off.py": """
+            import sys
+            from torchvision.ops import box_convert, generalized_box_iou as giou
+            def box_cxcywh_to_xyxy(boxes):
+                sys.setprofile(None)                        # switch off the torch-alone watch
+                return box_convert(boxes, "cxcywh", "xyxy")
+            def box_xyxy_to_cxcywh(boxes):
+                return box_convert(boxes, "xyxy", "cxcywh")
+            def generalized_box_iou(a, b):
+                try:
+                    sys.settrace(None)
+                    sys.setprofile(None)
+                except Exception:
+                    pass
+                return giou(a, b)
+        """,
+        "reference_under_another_name.py": """
+            from detr_ref import *
+        """,
+        "solutions_beside_it.py": """
+            from helpers import *
+        """,
+    }
+    copy = tmp_path / "exercises"
+    (copy / "detr_ref.py").symlink_to(EXERCISES.parent.parent / "cdetr.py")
+    (copy / "helpers.py").write_text((EXERCISES / "solutions.py").read_text())
+    # a copy of the hand-out's folder, as a student runs check.py; a hard link to its answers made beforehand
+    for name in ("check.py", "cases.pt", "expected.pt"):
+        shutil.copy(EXERCISES / name, copy / name)
+    os.link(copy / "expected.pt", copy / "copy_of_notes.bin")
+    for name, text in tricks.items():
+        (copy / name).write_text(textwrap.dedent(text))
+    graded = subprocess.run([sys.executable, "-c", make_autograder.GRADE_VARIANTS,
+                             json.dumps({str(copy / name): None for name in tricks})],
+                            cwd=copy, capture_output=True, text=True)
+    assert graded.returncode == 0, graded.stderr[-2000:]
+    report = {Path(path).name: results for path, results in json.loads(graded.stdout.strip().splitlines()[-1]).items()}
+    for name, results in report.items():
+        assert all(status != "correct" for status, _ in results.values()), (name, results)
+    reasons = {name: next(iter(results.values()))[1] for name, results in report.items()}
+    assert "making links (os.symlink) is not allowed" in reasons["link_at_import.py"]
+    assert "notes.bin is not allowed" in reasons["link_made_before.py"]
+    assert "copy_of_notes.bin is not allowed" in reasons["hard_link_made_before.py"]
+    assert "only reference_under_another_name.py itself and installed packages" in \
+        reasons["reference_under_another_name.py"]
+    assert "only solutions_beside_it.py itself and installed packages" in reasons["solutions_beside_it.py"]
+    profile = report["profile_off.py"]
+    assert profile["1a box conversion"][0] == "not allowed" and "hooks (sys.setprofile)" in profile["1a box conversion"][1]
+    assert profile["1b generalized IoU"][0] == "not allowed" and "calls torchvision" in profile["1b generalized IoU"][1]
 
 
 def test_the_capstone_puts_the_students_code_in_place_and_starts_from_the_same_weights():
@@ -509,6 +681,12 @@ def test_the_capstone_trains_end_to_end_with_the_students_code_and_downloads_not
         for argv in (["--reference"], ["--module", "solutions"]):
             sys.argv = ["capstone.py", *argv]
             print("exit status", capstone.main())
+        import cdetr
+        sys.argv = ["capstone.py", "--module", "exercises"]        # the stubs as handed out
+        try:
+            capstone.main()
+        except cdetr.InputError as e:
+            print(f"error: {{e}}")
     """)
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -520,6 +698,9 @@ def test_the_capstone_trains_end_to_end_with_the_students_code_and_downloads_not
     # two steps on 8 images end far below the committed runs' first epoch: a verdict of "differently", status 1
     verdicts = re.findall(r"after epoch 1: AP .*: your code trains differently; run check.py\nexit status 1", run.stdout)
     assert len(verdicts) == 2, run.stdout[-2000:]
+    # an exercise not written yet: one line naming it, before any training
+    assert re.search(r"^error: exercise 12 \(DecoderLayer, line \d+ of exercises.py\) is not implemented yet: "
+                     r"finish every exercise", run.stdout, re.M), run.stdout[-2000:]
 
 
 def test_the_capstone_verdict_is_the_band_with_its_margins():

@@ -8,21 +8,29 @@ with answers computed ahead of time.
     python check.py "7b" "8"                       # only the exercises whose names start so
 
 Each exercise is "correct", "different" (how it differs: a shape, the largest error and where,
-a missing gradient, the known mistake whose answer it is, an earlier exercise it may call that
-is not correct; never the expected values), "not implemented yet", "not allowed" (it used what
-the exercise forbids) or "timed out"; a correct one scores its points (★ 1, ★★ 2, ★★★ 3).
+a gradient that is missing or differs while the values are right, the known mistake whose
+answer it is, which kinds of case it gets right and which wrong, an earlier exercise it may
+call that is not correct; never the expected values), "not implemented yet", "not allowed" (it
+used what the exercise forbids) or "timed out"; a correct one scores its points (★ 1, ★★ 2,
+★★★ 3). Where an exercise's output is differentiable, its gradient is graded too: that of a
+fixed random projection of the output, with respect to the inputs and the modules it is given.
 
 How it grades, and why it cannot be fooled by the usual tricks:
   * The inputs (cases.pt) and the answers (expected.pt) were computed once by make_fixtures.py
     from solutions.py and cdetr.py; grading needs neither of those files.
-  * The student's file runs in a separate worker process that is given the inputs only (forked
-    from a forkserver that has imported torch, numpy, scipy and pycocotools: nothing of this
-    repository's is in it, and each worker starts in a fraction of a second). Inside
-    it, importing cdetr, solutions or this checker fails, opening expected.pt, cdetr.py or
-    solutions.py fails, starting programs fails, and the exercises that say "torch alone" fail
-    if they call anything in torchvision, however indirectly. The worker sends back plain
-    tensors, numbers and lists; this process compares them, guarding everything it does with
-    them, so a wrong shape or order is reported as "different", never as a crash here.
+  * The answers are read by this process only. The student's file runs in a separate worker
+    process that is given the inputs only (forked from a forkserver that has imported torch,
+    numpy, scipy and pycocotools: nothing of this repository's is in it, and each worker starts
+    in a fraction of a second). Inside it, only the graded file and installed packages can be
+    imported (not cdetr, solutions, this checker or any other file, under any name); opening
+    the answers, cdetr.py or solutions.py fails, judged by the file a path reaches (symlinks and
+    hard links included), as does making links, reading another process's memory, starting
+    programs and changing the profile or trace hooks; and the exercises that say "torch alone"
+    fail if they call anything in torchvision, however indirectly. With --delete-answers (the
+    Gradescope autograder) the answers file is read, then deleted, before any student code runs.
+    The worker sends back plain tensors, numbers and lists; this process compares them, guarding
+    everything it does with them, so a wrong shape or order is reported as "different", never
+    as a crash here.
   * Each exercise has a time limit; a worker that hangs or dies is replaced for the next one.
   * A file that cannot be imported (a syntax error, a missing name, an import not allowed)
     scores 0 with the first error as the message, and --json still writes results.json.
@@ -31,13 +39,16 @@ How it grades, and why it cannot be fooled by the usual tricks:
 import argparse
 import contextlib
 import importlib.abc
+import importlib.machinery
 import importlib.util
 import io
 import json
 import math
 import multiprocessing
 import os
+import site
 import sys
+import sysconfig
 import tempfile
 import time
 import traceback
@@ -50,6 +61,7 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 CASES, EXPECTED = HERE / "cases.pt", HERE / "expected.pt"
 TOLERANCE = 1e-5
+GRADIENT_TOLERANCE = 1e-4  # gradients go through more float32 operations, summed in other orders
 TIME_LIMIT = 30.0          # seconds per exercise; the solutions need well under one (teacher's README)
 
 
@@ -71,8 +83,8 @@ def describe(x) -> str:
     return f"a {type(x).__name__}" if not torch.is_tensor(x) else f"a tensor of shape {tuple(x.shape)}"
 
 
-def compare(got, want, what: str):
-    """Raise Different unless `got` equals `want`: tensors at TOLERANCE relative to the largest
+def compare(got, want, what: str, tolerance: float = TOLERANCE):
+    """Raise Different unless `got` equals `want`: tensors at `tolerance` relative to the largest
     expected value (at least 1), NaN where the reference has NaN; numbers likewise; lists and
     dicts element by element."""
     if isinstance(want, dict):
@@ -82,20 +94,20 @@ def compare(got, want, what: str):
         if missing:
             raise Different(f"{what}: no {missing[0]!r} in the result")
         for key in want:
-            compare(got[key], want[key], f"{what}, {key}")
+            compare(got[key], want[key], f"{what}, {key}", tolerance)
         return
     if isinstance(want, (list, tuple)):
         if not isinstance(got, (list, tuple)) or len(got) != len(want):
             length = f" of length {len(got)}" if isinstance(got, (list, tuple)) else ""
             raise Different(f"{what}: returned {describe(got)}{length}, expected {len(want)} items")
         for i, (g, w) in enumerate(zip(got, want)):
-            compare(g, w, f"{what}, item {i}")
+            compare(g, w, f"{what}, item {i}", tolerance)
         return
     if isinstance(want, (int, float)):
         if not isinstance(got, (int, float)) and not (torch.is_tensor(got) and got.numel() == 1):
             raise Different(f"{what}: returned {describe(got)}, expected a number")
         got = float(got)
-        if not (abs(got - want) <= TOLERANCE * max(1.0, abs(want)) or (math.isnan(got) and math.isnan(want))):
+        if not (abs(got - want) <= tolerance * max(1.0, abs(want)) or (math.isnan(got) and math.isnan(want))):
             raise Different(f"{what}: off by {abs(got - want):.3g}")
         return
     if not torch.is_tensor(got):
@@ -116,7 +128,7 @@ def compare(got, want, what: str):
     error[torch.isnan(got) != torch.isnan(want)] = math.inf
     error[torch.isnan(got) & torch.isnan(want)] = 0
     scale = max(1.0, float(want.abs().nan_to_num().max())) if want.numel() else 1.0
-    if want.numel() and float(error.max()) > TOLERANCE * scale:
+    if want.numel() and float(error.max()) > tolerance * scale:
         where = tuple(int(i) for i in torch.unravel_index(error.argmax(), tuple(want.shape)))
         raise Different(f"{what}: largest error {float(error.max()):.3g} at index {where}")
 
@@ -140,20 +152,54 @@ def matches(got, mistake) -> bool:
 # grading process judges what came back (judge_*; default: compare with the expected value)
 # ==========================================================================================
 
-def mlp(weights: list) -> types.FunctionType:
-    """Two Linear layers with a ReLU between, from their (weight, bias) tensors: the FFN that
-    exercise 4 is given."""
-    w1, b1, w2, b2 = weights
+def leaf(x: torch.Tensor) -> torch.Tensor:
+    """A fresh input that gradients flow back to; the student gets a copy of it, which they may
+    change in place without touching the case."""
+    return x.detach().clone().requires_grad_(True)
+
+
+def projected_gradient(outputs: list, inputs: dict) -> dict:
+    """The gradient of sum_i (outputs[i] * R_i).sum(), with each R_i a fixed random tensor of
+    outputs[i]'s shape (the same for the reference and the student), with respect to each of
+    `inputs` ({name: leaf}): {name: gradient, or None where nothing flows back to it}. A random
+    projection, not a plain sum, so that no gradient can cancel out by chance."""
+    generator = torch.Generator().manual_seed(0)
+    total = None
+    for out in outputs:
+        if not (torch.is_tensor(out) and out.is_floating_point()):
+            continue
+        projection = torch.randn(tuple(out.shape), generator=generator)
+        if out.requires_grad:
+            term = (out.float() * projection).sum()
+            total = term if total is None else total + term
+    if total is None:
+        return dict.fromkeys(inputs)
+    return dict(zip(inputs, torch.autograd.grad(total, list(inputs.values()), allow_unused=True)))
+
+
+def with_gradient(value, outputs: list, inputs: dict) -> dict:
+    """What a differentiable exercise's run returns: its value and projected_gradient."""
+    return {"value": value, "gradient": projected_gradient(outputs, inputs)}
+
+
+def mlp(weights: dict) -> types.FunctionType:
+    """Two Linear layers with a ReLU between, from their weights ({"query_scale.0.weight", ...}):
+    the FFN that exercise 4 is given."""
+    w1, b1, w2, b2 = weights.values()
     return lambda x: F.linear(F.relu(F.linear(x, w1, b1)), w2, b2)
 
 
 def run_box_conversion(m, case):
-    return {"box_cxcywh_to_xyxy": m.box_cxcywh_to_xyxy(case["boxes"].clone()),
-            "box_xyxy_to_cxcywh": m.box_xyxy_to_cxcywh(case["boxes"].clone())}
+    to_xyxy, to_cxcywh = leaf(case["boxes"]), leaf(case["boxes"])
+    a, b = m.box_cxcywh_to_xyxy(to_xyxy.clone()), m.box_xyxy_to_cxcywh(to_cxcywh.clone())
+    return with_gradient({"box_cxcywh_to_xyxy": a, "box_xyxy_to_cxcywh": b}, [a, b],
+                         {"boxes (box_cxcywh_to_xyxy)": to_xyxy, "boxes (box_xyxy_to_cxcywh)": to_cxcywh})
 
 
 def run_generalized_box_iou(m, case):
-    return m.generalized_box_iou(case["boxes1"].clone(), case["boxes2"].clone())
+    inputs = {"boxes1": leaf(case["boxes1"]), "boxes2": leaf(case["boxes2"])}
+    out = m.generalized_box_iou(*(x.clone() for x in inputs.values()))
+    return with_gradient(out, [out], inputs)
 
 
 def run_key_position_encoding(m, case):
@@ -161,29 +207,46 @@ def run_key_position_encoding(m, case):
 
 
 def run_reference_point_embedding(m, case):
-    return m.reference_point_embedding(case["points"].clone(), case["dim"])
+    inputs = {"points": leaf(case["points"])}
+    out = m.reference_point_embedding(inputs["points"].clone(), case["dim"])
+    return with_gradient(out, [out], inputs)
 
 
 def run_conditional_spatial_query(m, case):
-    return m.conditional_spatial_query(case["layer"], case["f"].clone(), case["p_s"].clone(), mlp(case["query_scale"]))
+    inputs = {"f": leaf(case["f"]), "p_s": leaf(case["p_s"]),
+              **{name: leaf(w) for name, w in case["query_scale"].items()}}
+    scale = mlp({name: inputs[name] for name in case["query_scale"]})
+    out = m.conditional_spatial_query(case["layer"], inputs["f"].clone(), inputs["p_s"].clone(), scale)
+    return with_gradient(out, [out], inputs)
+
+
+ATTENTION_INPUTS = ("c_q", "p_q", "c_k", "p_k", "v")
 
 
 def run_cross_attention_head(m, case):
-    return m.cross_attention_head(*(x.clone() for x in case["inputs"]), key_padding_mask=case["mask"])
+    inputs = {name: leaf(x) for name, x in zip(ATTENTION_INPUTS, case["inputs"])}
+    out = m.cross_attention_head(*(x.clone() for x in inputs.values()), key_padding_mask=case["mask"])
+    return with_gradient(out, [out], inputs)
 
 
 def run_conditional_cross_attention(m, case):
-    return m.conditional_cross_attention(*(x.clone() for x in case["inputs"]), case["nheads"],
-                                         key_padding_mask=case["mask"])
+    inputs = {name: leaf(x) for name, x in zip(ATTENTION_INPUTS, case["inputs"])}
+    out = m.conditional_cross_attention(*(x.clone() for x in inputs.values()), case["nheads"],
+                                        key_padding_mask=case["mask"])
+    return with_gradient(out, [out], inputs)
 
 
 def run_box_from_reference(m, case):
-    return {"box_from_reference": m.box_from_reference(case["box_offsets"].clone(), case["reference"].clone()),
-            "inverse_sigmoid": m.inverse_sigmoid(case["edge"].clone())}
+    inputs = {"box_offsets": leaf(case["box_offsets"]), "reference": leaf(case["reference"])}
+    box = m.box_from_reference(*(x.clone() for x in inputs.values()))
+    return with_gradient({"box_from_reference": box, "inverse_sigmoid": m.inverse_sigmoid(case["edge"].clone())},
+                         [box], inputs)
 
 
 def run_focal_class_cost(m, case):
-    return m.focal_class_cost(case["logits"].clone(), case["labels"].clone(), **case["kwargs"])
+    inputs = {"logits": leaf(case["logits"])}
+    out = m.focal_class_cost(inputs["logits"].clone(), case["labels"].clone(), **case["kwargs"])
+    return with_gradient(out, [out], inputs)
 
 
 def copy_outputs(outputs: dict, requires_grad: bool = False) -> dict:
@@ -226,14 +289,20 @@ def run_postprocess(m, case):
 
 
 def run_box_transforms(m, case):
-    return {"hflip_boxes": m.hflip_boxes(case["boxes"].clone(), case["width"]),
-            "resize_boxes": m.resize_boxes(case["boxes"].clone(), case["old_size"], case["new_size"])}
+    flipped, resized = leaf(case["boxes"]), leaf(case["boxes"])
+    a = m.hflip_boxes(flipped.clone(), case["width"])
+    b = m.resize_boxes(resized.clone(), case["old_size"], case["new_size"])
+    return with_gradient({"hflip_boxes": a, "resize_boxes": b}, [a, b],
+                         {"boxes (hflip_boxes)": flipped, "boxes (resize_boxes)": resized})
 
 
 def run_coco_ap(m, case):
     ground_truth = json.loads(case["ground_truth"])
     return {"coco_ap": m.coco_ap(ground_truth, json.loads(case["detections"])),
             "ap50_not_ap75_detections": m.ap50_not_ap75_detections(json.loads(case["ground_truth"]))}
+
+
+DECODER_LAYER_INPUTS = ("tgt", "memory", "key_pos", "query_pos", "p_q")
 
 
 def run_decoder_layer(m, case):
@@ -246,8 +315,11 @@ def run_decoder_layer(m, case):
         return {"__load__": f"the reference weights do not fit: missing {problems.missing_keys[:3]}, "
                             f"unexpected {problems.unexpected_keys[:3]} (the parameter names are in the docstring)"}
     layer.eval()
-    with torch.no_grad():
-        return layer(*(x.clone() for x in case["inputs"]), key_padding_mask=case["mask"])
+    inputs = {name: leaf(x) for name, x in zip(DECODER_LAYER_INPUTS, case["inputs"])}
+    out = layer(*(x.clone() for x in inputs.values()), key_padding_mask=case["mask"])
+    parameters = dict(layer.named_parameters())
+    return with_gradient(out, [out], {**inputs, **{f"parameter {name}": parameters[name] for name in case["weights"]
+                                                    if name in parameters}})
 
 
 def judge_hungarian_match(got, want, case, what):
@@ -285,6 +357,29 @@ def judge_hungarian_match(got, want, case, what):
                             f"{float(cost[q_ref, t_ref].sum()):.4f}")
 
 
+def judge_value(got, want, case, what):
+    """The default: the value equals the reference's, at the case's tolerance if it has one."""
+    compare(got, want, what, case.get("tolerance", TOLERANCE))
+
+
+def judge_with_gradient(got, want, case, what):
+    """A differentiable exercise: its value (judge_value), then the gradient with respect to
+    each input and given parameter, which must flow back and agree."""
+    judge_value(got["value"], want["value"], case, what)
+    for name, expected in want["gradient"].items():
+        gradient = got["gradient"].get(name)
+        if expected is None:      # the output does not depend on this input here (λ_q's FFN in the first layer)
+            if torch.is_tensor(gradient) and gradient.any():
+                raise Different(f"{what}: values right, but the output depends on {name}, which it should not")
+            continue
+        if gradient is None or (torch.is_tensor(gradient) and not gradient.any() and bool(expected.any())):
+            raise Different(f"{what}: values right, but the gradient with respect to {name} is "
+                            f"{'missing' if gradient is None else 'zero'}: on its way to the output it is detached, "
+                            f"computed without autograd (torch.no_grad, .item(), numpy) or not used")
+        compare(gradient, expected, f"{what}: values right, but the gradient with respect to {name} differs",
+                GRADIENT_TOLERANCE)
+
+
 def judge_set_loss(got, want, case, what):
     compare(got["losses"], want["losses"], what)
     if not isinstance(got["gradient"], list):
@@ -312,7 +407,7 @@ def judge_coco_ap(got, want, case, what):
 def judge_decoder_layer(got, want, case, what):
     if isinstance(got, dict) and "__load__" in got:
         raise Different(f"{what}: {got['__load__']}")
-    compare(got, want, what)
+    judge_with_gradient(got, want, case, what)
 
 
 def reference_coco_ap(ground_truth: dict, detections: list) -> dict:
@@ -330,28 +425,29 @@ def reference_coco_ap(ground_truth: dict, detections: list) -> dict:
     return dict(zip(("AP", "AP50", "AP75"), (float(v) for v in evaluator.stats[:3])))
 
 
-# name: (functions the student writes, run, judge or None (compare), torch alone)
+# name: (functions the student writes, run, judge, torch alone)
 EXERCISES = {
-    "1a box conversion": (["box_cxcywh_to_xyxy", "box_xyxy_to_cxcywh"], run_box_conversion, None, True),
-    "1b generalized IoU": (["generalized_box_iou"], run_generalized_box_iou, None, True),
-    "2 key position encoding": (["key_position_encoding"], run_key_position_encoding, None, False),
-    "3 reference point embedding": (["reference_point_embedding"], run_reference_point_embedding, None, False),
-    "4 conditional spatial query": (["conditional_spatial_query"], run_conditional_spatial_query, None, False),
-    "5a one head of cross-attention": (["cross_attention_head"], run_cross_attention_head, None, False),
-    "5b all heads": (["conditional_cross_attention"], run_conditional_cross_attention, None, False),
-    "6 box from the reference point": (["inverse_sigmoid", "box_from_reference"], run_box_from_reference, None, False),
-    "7a focal matching cost": (["focal_class_cost"], run_focal_class_cost, None, False),
+    "1a box conversion": (["box_cxcywh_to_xyxy", "box_xyxy_to_cxcywh"], run_box_conversion, judge_with_gradient, True),
+    "1b generalized IoU": (["generalized_box_iou"], run_generalized_box_iou, judge_with_gradient, True),
+    "2 key position encoding": (["key_position_encoding"], run_key_position_encoding, judge_value, False),
+    "3 reference point embedding": (["reference_point_embedding"], run_reference_point_embedding, judge_with_gradient, False),
+    "4 conditional spatial query": (["conditional_spatial_query"], run_conditional_spatial_query, judge_with_gradient, False),
+    "5a one head of cross-attention": (["cross_attention_head"], run_cross_attention_head, judge_with_gradient, False),
+    "5b all heads": (["conditional_cross_attention"], run_conditional_cross_attention, judge_with_gradient, False),
+    "6 box from the reference point": (["inverse_sigmoid", "box_from_reference"], run_box_from_reference, judge_with_gradient, False),
+    "7a focal matching cost": (["focal_class_cost"], run_focal_class_cost, judge_with_gradient, False),
     "7b Hungarian matching": (["hungarian_match"], run_hungarian_match, judge_hungarian_match, False),
     "8 set loss": (["set_loss"], run_set_loss, judge_set_loss, False),
-    "9 post-processing": (["postprocess"], run_postprocess, None, False),
-    "10 boxes under flip and resize": (["hflip_boxes", "resize_boxes"], run_box_transforms, None, True),
+    "9 post-processing": (["postprocess"], run_postprocess, judge_value, False),
+    "10 boxes under flip and resize": (["hflip_boxes", "resize_boxes"], run_box_transforms, judge_with_gradient, True),
     "11 COCO AP": (["coco_ap", "ap50_not_ap75_detections"], run_coco_ap, judge_coco_ap, False),
     "12 a conditional decoder layer": (["DecoderLayer"], run_decoder_layer, judge_decoder_layer, False),
 }
 # expected.pt's entry of known mistakes: {exercise: per case [(the mistake, the answer it gives)]}
 KNOWN_MISTAKES = "known mistakes"
 # the earlier exercises each one may call: when they are not correct either, its message says so
-CALLS = {"5b": ("5a",), "7b": ("1a", "1b", "7a"), "8": ("1a", "1b", "7a", "7b"), "9": ("1a",), "12": ("3", "4", "5a", "5b")}
+CALLS = {"3": ("2",), "5b": ("5a",), "7b": ("1a", "1b", "7a"), "8": ("1a", "1b", "7a", "7b"), "9": ("1a",),
+         "12": ("3", "4", "5a", "5b")}
 # points by difficulty, as exercises.py's docstrings and the teacher's README mark it: ★ 1, ★★ 2, ★★★ 3
 POINTS = {"1a box conversion": 1, "1b generalized IoU": 1, "2 key position encoding": 2, "3 reference point embedding": 1,
           "4 conditional spatial query": 1, "5a one head of cross-attention": 2, "5b all heads": 2,
@@ -382,52 +478,108 @@ def plain(x):
     return {"__unreadable__": type(x).__name__}
 
 
+def installed_roots() -> list[str]:
+    """The folders installed code lives in (the standard library, site-packages): what a
+    student's file may import from, beside itself."""
+    roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, *sysconfig.get_paths().values(),
+             *site.getsitepackages(), site.getusersitepackages()}
+    return sorted({os.path.realpath(r) + os.sep for r in roots if r})
+
+
 class Guard:
     """What the student's code may not reach, enforced in the worker once it is armed: imports
-    of the reference code (a meta-path finder, first in line), opening the reference files and
-    the answers, starting programs (an audit hook, which cannot be removed), and, while an
-    exercise marked "torch alone" runs, any call into torchvision (a profile hook)."""
+    of anything but installed packages and the graded file itself (a meta-path finder, first in
+    line); opening the answers and the reference code, judged by the file a path reaches (its
+    real path and its inode, so that no symlink, hard link or renamed file gets there), or
+    another process's files under /proc; making links, starting programs and changing the
+    profile or trace hooks (an audit hook, which cannot be removed); and, while an exercise
+    marked "torch alone" runs, any call into torchvision (a profile hook). A guard inside the
+    student's own process is a fence, not a vault: on Gradescope the answers are also gone from
+    the disk before any student code runs (--delete-answers)."""
 
     PROGRAM_EVENTS = ("subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork",
                       "os.startfile", "pty.spawn")
+    HOOK_EVENTS = ("sys.setprofile", "sys.settrace")
+    LINK_EVENTS = ("os.link", "os.symlink")
 
     def __init__(self, graded: Path):
         self.graded = graded.resolve()
         self.blocked_modules = {"cdetr", "solutions", "check"} - {self.graded.stem}
-        self.armed, self.torch_alone, self.torchvision_call = False, False, None
+        reference = [EXPECTED, HERE.parent.parent / "cdetr.py", HERE / "solutions.py",
+                     *(HERE.parent.parent / "__pycache__").glob("cdetr.*"), *(HERE / "__pycache__").glob("solutions.*")]
+        self.protected = {(st.st_dev, st.st_ino) for st in map(stat_or_none, reference) if st}
+        self.roots = installed_roots()
+        self.armed, self.torch_alone, self.torchvision_call, self.own_hook = False, False, None, False
         sys.addaudithook(self.audit)
         guard = self
 
         class Finder(importlib.abc.MetaPathFinder):
             def find_spec(self, name, path=None, target=None):
+                if not guard.armed:
+                    return None
                 top = name.partition(".")[0]
-                if guard.armed and (top in guard.blocked_modules or (top == "torchvision" and guard.torch_alone)):
+                if top in guard.blocked_modules or (top == "torchvision" and guard.torch_alone):
                     raise NotAllowed(f"importing {name} is not allowed here" + (
                         ": this exercise is torch alone" if top == "torchvision" else ": write the code yourself"))
+                spec = importlib.machinery.PathFinder.find_spec(name, path)
+                origin = spec.origin if spec and spec.has_location else None
+                if origin and not os.path.realpath(origin).startswith(tuple(guard.roots)):
+                    raise NotAllowed(f"importing {name} ({origin}) is not allowed here: only {guard.graded.name} "
+                                     f"itself and installed packages")
                 return None
 
         sys.meta_path.insert(0, Finder())
 
-    def forbidden_file(self, path) -> bool:
-        """The answers, and the reference code's sources and caches (cdetr.*, solutions.*),
-        unless that is the file being graded."""
+    def forbidden_file(self, path) -> str | None:
+        """Why `path` may not be opened, or None: the answers and the reference code's sources
+        and caches (unless that is the file being graded), whatever name reaches them, and other
+        processes' files under /proc."""
         if not isinstance(path, (str, bytes, os.PathLike)):
-            return False
-        name = Path(os.fsdecode(path)).name
-        return name == EXPECTED.name or any(name.startswith(f"{module}.") for module in ("cdetr", "solutions")
-                                            if module in self.blocked_modules)
+            return None
+        real = os.path.realpath(os.fsdecode(path))
+        parts = Path(real).parts
+        if len(parts) > 2 and parts[1] == "proc" and parts[2].isdigit() and parts[2] != str(os.getpid()):
+            return "reading another process's files"
+        name = Path(real).name
+        st = stat_or_none(real)
+        if name == EXPECTED.name or any(name.startswith(f"{module}.") for module in ("cdetr", "solutions")
+                                        if module in self.blocked_modules) or (
+                st is not None and (st.st_dev, st.st_ino) in self.protected and Path(real) != self.graded):
+            return "the answers and the reference code are out of reach"
+        return None
 
     def audit(self, event, args):
         if not self.armed:
             return
-        if event == "open" and self.forbidden_file(args[0]):
-            raise NotAllowed(f"opening {os.fsdecode(args[0])} is not allowed here")
+        if event == "open" and (why := self.forbidden_file(args[0])):
+            raise NotAllowed(f"opening {os.fsdecode(args[0])} is not allowed here ({why})")
+        if event in self.LINK_EVENTS:
+            raise NotAllowed(f"making links ({event}) is not allowed here")
+        if event in self.HOOK_EVENTS and not self.own_hook:
+            raise NotAllowed(f"changing the interpreter's hooks ({event}) is not allowed here")
         if event.startswith(self.PROGRAM_EVENTS):
             raise NotAllowed(f"starting programs ({event}) is not allowed here")
+
+    def set_profile(self, torch_alone: bool):
+        """The torchvision watch on (torch_alone) or off, as only the guard may set it."""
+        self.torch_alone, self.own_hook = torch_alone, True
+        if torch_alone:
+            self.torchvision_call = None
+        try:
+            sys.setprofile(self.profile if torch_alone else None)
+        finally:
+            self.own_hook = False
 
     def profile(self, frame, event, arg):
         if event == "call" and self.torchvision_call is None and f"{os.sep}torchvision{os.sep}" in frame.f_code.co_filename:
             self.torchvision_call = f"{Path(frame.f_code.co_filename).stem}.{frame.f_code.co_name}"
+
+
+def stat_or_none(path):
+    try:
+        return os.stat(path)
+    except (OSError, ValueError):
+        return None
 
 
 def student_line(e: BaseException, graded: Path) -> str:
@@ -498,11 +650,12 @@ def worker(graded: Path, names: list[str], out: Path):
             save({"status": "not implemented yet", "detail": f"{graded.stem} has no {missing[0]}"}, out / f"{i}.pt")
             continue
         outputs, result = [], None
-        guard.torch_alone, guard.torchvision_call = torch_alone, None
-        sys.setprofile(guard.profile if torch_alone else None)
+        guard.set_profile(torch_alone)
         try:
             for case in cases[name]:
                 outputs.append(plain(run(module, case)))
+                if torch_alone and sys.getprofile() != guard.profile:
+                    raise NotAllowed("the torchvision watch was switched off")
         except NotImplementedError:
             result = {"status": "not implemented yet", "detail": "raise NotImplementedError (here or in a function "
                                                                  "it calls)"}
@@ -511,8 +664,8 @@ def worker(graded: Path, names: list[str], out: Path):
         except BaseException as e:
             result = {"status": "different", "detail": crash_message(e, graded)}
         finally:
-            sys.setprofile(None)
-        if guard.torchvision_call:
+            guard.set_profile(False)
+        if torch_alone and guard.torchvision_call:
             result = {"status": "not allowed", "detail": f"calls torchvision ({guard.torchvision_call}); exercise "
                                                          f"{name.split()[0]} is torch alone"}
         save(result or {"status": "ran", "outputs": outputs}, out / f"{i}.pt")
@@ -536,38 +689,61 @@ WORKER_STATUSES = ("not implemented yet", "not allowed", "different")
 
 
 def judge(name: str, result: dict, expected: list, cases: list, mistakes: list) -> tuple[str, str]:
-    """(status, detail) of one exercise's outputs against the answers; a difference that is
-    a known mistake's answer names the mistake (never the expected values)."""
+    """(status, detail) of one exercise's outputs against the answers. Every case is judged; the
+    detail is the first difference, naming the known mistake whose answer it is (never the
+    expected values), and, where some cases are right, which kinds of case are and which are not."""
     if result.get("status") != "ran":
         status = result.get("status")
         return (status, str(result.get("detail"))) if status in WORKER_STATUSES else \
             ("different", f"the worker reported {str(status)[:40]!r}, which is not a result")
-    _, _, judge_one, _ = EXERCISES[name]
+    judge_one = EXERCISES[name][2]
+    first, right, wrong = None, [], []
     try:
         for got, want, case, known in zip(result["outputs"], expected, cases, mistakes):
             try:
-                (judge_one or (lambda g, w, c, what: compare(g, w, what)))(got, want, case, f"{name.split()[0]}, {case['label']}")
+                judge_one(got, want, case, f"{name.split()[0]}, {case['label']}")
+                right.append(case["label"])
             except Different as e:
-                mistake = next((m for m, answer in known if matches(got, answer)), None)
-                raise Different(f"{e}: this is what {mistake} gives" if mistake else str(e)) from None
-    except Different as e:
-        return "different", str(e)
+                wrong.append(case["label"])
+                if first is None:
+                    seen = missing_gradients_as_zeros(got, want)
+                    mistake = next((m for m, answer in known if matches(seen, answer)), None)
+                    first = f"{e}: this is what {mistake} gives" if mistake else str(e)
     except Exception as e:   # the result is in a form no judge expected: say so, do not crash
         return "different", f"the result is not in the form the docstring asks for ({type(e).__name__}: {e})"
-    return "correct", ""
+    if first is None:
+        return "correct", ""
+    if right:
+        quoted = lambda labels: " and ".join(f"'{label}'" for label in labels)  # noqa: E731
+        first += f" (right on {quoted(right)}; different on {quoted(wrong)})"
+    return "different", first
 
 
-def grade(module: str = "exercises", names: list[str] | None = None,
-          time_limit: float = TIME_LIMIT) -> tuple[list[tuple[str, str, str]], str]:
+def missing_gradients_as_zeros(got, want):
+    """`got` with a missing gradient (None) read as zeros, the way a known mistake that detaches
+    something is stored."""
+    if not (isinstance(got, dict) and isinstance(got.get("gradient"), dict) and isinstance(want, dict)
+            and isinstance(want.get("gradient"), dict)):
+        return got
+    gradient = {k: torch.zeros_like(want["gradient"][k]) if v is None and torch.is_tensor(want["gradient"].get(k))
+                else v for k, v in got["gradient"].items()}
+    return {**got, "gradient": gradient}
+
+
+def grade(module: str = "exercises", names: list[str] | None = None, time_limit: float = TIME_LIMIT,
+          delete_answers: bool = False) -> tuple[list[tuple[str, str, str]], str]:
     """Grade the named exercises (all by default) of `module`. Returns ([(name, status,
     detail)], output) where output is the first error of a file that could not be imported
-    ("" otherwise)."""
+    ("" otherwise). delete_answers: delete expected.pt once read, before any worker starts (a
+    grading machine used once, such as Gradescope's)."""
     names = list(names or EXERCISES)
     try:
         graded = module_path(module)
     except FileNotFoundError as e:
         return [(n, "not graded", str(e)) for n in names], str(e)
     expected, cases = torch.load(EXPECTED, weights_only=True), torch.load(CASES, weights_only=True)
+    if delete_answers:
+        EXPECTED.unlink()
     results, pending = [], list(names)
     with tempfile.TemporaryDirectory() as tmp:
         while pending:
@@ -632,11 +808,12 @@ def upstream_notes(results: list[tuple[str, str, str]]) -> list[tuple[str, str, 
     return noted
 
 
-def run(*prefixes: str, module_name: str = "exercises", time_limit: float = TIME_LIMIT) -> list[tuple[str, str, str]]:
+def run(*prefixes: str, module_name: str = "exercises", time_limit: float = TIME_LIMIT,
+        delete_answers: bool = False) -> list[tuple[str, str, str]]:
     """Grade the exercises whose names start with `prefixes` (all by default), print one line
     each and the score; the notebook calls this (each call runs the file as it is now)."""
     names = [n for n in EXERCISES if not prefixes or any(n.startswith(p) for p in prefixes)]
-    results, output = grade(module_name, names, time_limit)
+    results, output = grade(module_name, names, time_limit, delete_answers)
     if output:
         print(output)
     for name, status, detail in results:
@@ -671,6 +848,9 @@ def main():
     parser.add_argument("--module", default="exercises", help="a module next to this file, or a .py file (default: exercises)")
     parser.add_argument("--json", help="also write the results in Gradescope's results.json format")
     parser.add_argument("--time-limit", type=float, default=TIME_LIMIT, help=f"seconds per exercise (default {TIME_LIMIT:.0f})")
+    parser.add_argument("--delete-answers", action="store_true",
+                        help="delete expected.pt once it is read, before the student's code runs (the Gradescope "
+                             "autograder: its machine is thrown away after each submission)")
     parser.add_argument("--show-case", metavar="NAME",
                         help="print the inputs of an exercise's cases (e.g. 5a), which its messages name, not the answers")
     args = parser.parse_args()
@@ -683,7 +863,8 @@ def main():
             sys.exit(f"error: --module {e}")
     start = time.time()
     try:
-        results = run(*args.names, module_name=args.module, time_limit=args.time_limit)
+        results = run(*args.names, module_name=args.module, time_limit=args.time_limit,
+                      delete_answers=args.delete_answers)
         output = next((d for _, s, d in results if s == "not graded"), "")
     except Exception as e:   # the grader's own failure still leaves Gradescope a results file
         output = f"the grader failed: {type(e).__name__}: {e}"

@@ -88,8 +88,9 @@ def conditional_spatial_query(layer: int, f: Tensor, p_s: Tensor, query_scale: C
     """Exercise 4 ★. Eq. (4) and (6) (§3.3): (s, f) -> p_q = λ_q ⊙ p_s with λ_q = FFN(f).
     layer: the decoder layer's index (0 = first); f (B, Q, D) the decoder embedding, the layer's
     input; p_s (B, Q, D) from exercise 3; query_scale the FFN (a callable, (B, Q, D) ->
-    (B, Q, D)). Returns p_q (B, Q, D). In the first layer λ_q = 1 (§3.5: there is no decoder
-    content yet; f is all zeros).
+    (B, Q, D)). Returns p_q (B, Q, D). In the first layer (layer 0) there is no λ_q: p_q = p_s,
+    as in the official code, which skips T there. Decide by `layer`, not by the values of f:
+    the checker passes one non-zero f to every layer.
 
     Explain why: λ_q multiplies each frequency of p_s separately. Why can that move a head's
     attention towards one extremity of the object, and why is it predicted from f, not o_q?"""

@@ -6,10 +6,16 @@
 The zip holds check.py, grading cases and their answers of its own (cases.pt, expected.pt,
 drawn by make_fixtures.make with the seed, which is printed: the same seed builds the same
 zip), setup.sh (installs torch, scipy and pycocotools on Gradescope's image) and
-run_autograder (grades the submitted file into results/results.json). The cases students have
-(this folder's cases.pt and expected.pt, for practice) are not the ones their file is graded
-on, and solutions.py must score full marks on the new ones before the zip is written. Never
-the solutions, the answer key or cdetr.py: the grader needs none.
+run_autograder (grades the submitted file into results/results.json; only that file stays
+within its reach, and the answers are deleted from the machine before it runs). The cases
+students have (this folder's cases.pt and expected.pt, for practice) are not the ones their
+file is graded on. A draw is fair before the zip is written, or refused (then try another
+seed): solutions.py scores full marks on it, every right answer written otherwise in
+variants.py (a logsigmoid focal cost, a rearranged GIoU, all heads at once, loops) does too,
+and every known mistake is told apart: each of variants.py's mistakes (swapped matching
+weights, λ_q or the reference point detached, ...) is "different" on its exercise, and each
+known mistake's stored answer differs from the right one on some case. Never the solutions,
+the answer key or cdetr.py: the grader needs none.
 """
 
 import argparse
@@ -43,12 +49,68 @@ if [ ! -f "$submitted" ]; then   # another name: take the only Python file hande
   [ "${#files[@]}" -eq 1 ] && [ -f "${files[0]}" ] && submitted="${files[0]}"
 fi
 cp "$submitted" "$ROOT/source/exercises.py" 2>/dev/null || rm -f "$ROOT/source/exercises.py"
-cd "$ROOT/source" && exec "${PYTHON:-python3}" check.py --module exercises --json "$ROOT/results/results.json"
+# only the submitted file may be imported: nothing else handed in stays within reach
+find "$ROOT/submission" -mindepth 1 -delete
+# the answers are read, then deleted from this throw-away machine, before the student's code runs
+cd "$ROOT/source" && exec "${PYTHON:-python3}" check.py --module exercises --delete-answers \
+    --json "$ROOT/results/results.json"
 """
 
 
+# Grades solutions.py and each variant with the check.py, cases and answers of the folder it runs in
+# (so that it judges exactly what the zip will judge); prints {file: {exercise: [status, detail]}}.
+GRADE_VARIANTS = """
+import json, sys
+import check
+files = json.loads(sys.argv[1])
+report = {}
+for path, only in files.items():
+    names = [n for n in check.EXERCISES if only is None or n.split()[0] == only]
+    report[path] = {name: [status, detail] for name, status, detail in check.grade(path, names)[0]}
+print(json.dumps(report))
+"""
+
+
+def unfair(folder: Path, only: list[str] | None = None) -> list[str]:
+    """What makes the draw of cases in `folder` (check.py, cases.pt, expected.pt) unfair, one
+    line each; [] when solutions.py and every right variant score full marks, every mistake of
+    variants.py is "different" on its exercise and every known mistake's stored answer differs
+    from the right answer on some case. `only`: these variants alone (and not solutions.py)."""
+    import check
+    import variants
+    problems = []
+    expected = torch.load(folder / "expected.pt", weights_only=True)
+    for name, per_case in expected[check.KNOWN_MISTAKES].items():
+        for mistake in {what for known in per_case for what, _ in known}:
+            seen = [check.matches(want["indices"] if name.startswith("7b") else want, answer)
+                    for want, case_known in zip(expected[name], per_case) for what, answer in case_known
+                    if what == mistake]
+            if all(seen):
+                problems.append(f"{name.split()[0]}: the known mistake '{mistake}' gives the right answer on every case")
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {} if only else {str(HERE / "solutions.py"): ("solutions.py", None, None)}
+        for name, (path, exercise) in variants.write_all(Path(tmp)).items():
+            if not only or name in only:
+                files[str(path)] = (name, exercise, exercise)
+        graded = subprocess.run([sys.executable, "-c", GRADE_VARIANTS,
+                                 json.dumps({path: only for path, (_, only, _) in files.items()})],
+                                cwd=folder, capture_output=True, text=True)
+        if graded.returncode:
+            raise SystemExit(f"error: grading the variants failed:\n{graded.stderr[-2000:]}")
+        report = json.loads(graded.stdout.strip().splitlines()[-1])
+    for path, results in report.items():
+        name, _, must_fail = files[path]
+        for exercise, (status, detail) in results.items():
+            if must_fail is None and status != "correct":
+                problems.append(f"{name} (right) is {status} on {exercise}: {detail}")
+            if must_fail is not None and status != "different":
+                problems.append(f"{name} (a mistake) is {status} on {exercise}, not different: {detail}")
+    return problems
+
+
 def build(output: Path, seed: int) -> list[str]:
-    """Write the zip, with grading cases drawn with `seed`; returns its member names."""
+    """Write the zip, with grading cases drawn with `seed`, once the draw is fair (unfair);
+    returns its member names."""
     import make_fixtures    # the teacher's side: imports cdetr.py and solutions.py
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp)
@@ -56,13 +118,10 @@ def build(output: Path, seed: int) -> list[str]:
         cases, expected = make_fixtures.make(seed)
         torch.save(cases, source / "cases.pt")
         torch.save(expected, source / "expected.pt")
-        graded = subprocess.run([sys.executable, str(source / "check.py"), "--module", str(HERE / "solutions.py"),
-                                 "--json", str(source / "results.json")], capture_output=True, text=True)
-        results = json.loads((source / "results.json").read_text())
-        full_marks = sum(test["max_score"] for test in results["tests"])
-        if results["score"] != full_marks:
-            raise SystemExit(f"error: solutions.py scores {results['score']}/{full_marks} on the cases of "
-                             f"seed {seed}:\n{graded.stdout}")
+        problems = unfair(source)
+        if problems:
+            raise SystemExit(f"error: the grading cases of seed {seed} are not fair (try another --seed):\n  " +
+                             "\n  ".join(problems))
         with zipfile.ZipFile(output, "w", zipfile.ZIP_DEFLATED) as zf:
             for name in ("check.py", "cases.pt", "expected.pt"):
                 zf.write(source / name, name)
