@@ -45,7 +45,9 @@ def parse_args(argv=None):
                    help="skip missing and unreadable images with a warning instead of stopping")
     m = p.add_argument_group("model and optimisation (defaults come from the preset)")
     m.add_argument("--preset", choices=sorted(cdetr.PRESETS),
-                   help="recipe from cdetr.PRESETS (default: tiny for the shapes data, r50 otherwise)")
+                   help="recipe from cdetr.PRESETS (default: tiny for the built-in data, r50 otherwise); tiny-mixed "
+                        "trains the tiny model on the second built-in world, data/shapes-mixed (mixed image sizes, "
+                        "padding in every batch, a 16 x 16 to 16 x 28 map)")
     m.add_argument("--decoder", choices=["conditional", "detr-offset", "detr"],
                    help="conditional (the paper), or a DETR-style baseline: detr-offset keeps the reference point and the "
                         "offset regression of Eq. (1) (Table 4, 36.9 AP), detr drops them too")

@@ -4,7 +4,10 @@ import contextlib
 import io
 import json
 import random
+import sys
 import warnings
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -235,6 +238,44 @@ def test_ensure_shapes_reuses_existing(shapes):
     before = data.coco_paths(shapes, "train")[1].stat().st_mtime_ns
     data.ensure_shapes_dataset(shapes)
     assert data.coco_paths(shapes, "train")[1].stat().st_mtime_ns == before
+
+
+def test_the_second_world_has_mixed_sizes_padding_in_every_batch_and_a_map_of_many_cells(tmp_path, monkeypatch):
+    """data/shapes-mixed (WORLDS): landscape images 128 to 160 px high, 1 to 1.75 times as wide,
+    which the tiny-mixed preset resizes to 128 px high: a map of 16 rows and 16 to 28 columns,
+    on which an object spans several cells; a batch of them is padded; and there positions
+    divided by the padded size (a course mistake) change the loss, where on shapes-64 they
+    change nothing."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tutorial" / "exercises"))
+    from make_fixtures import padded_size_encoding
+    cfg = cdetr.preset("tiny-mixed")
+    mixed = data.make_shapes_dataset(tmp_path / "mixed", num_train=8, num_val=1, **data.WORLDS["shapes-mixed"])
+    square = data.make_shapes_dataset(tmp_path / "square", num_train=8, num_val=1, **data.WORLDS["shapes-64"])
+    coco = json.loads(data.coco_paths(mixed, "train")[1].read_text())
+    assert len({(i["width"], i["height"]) for i in coco["images"]}) == 8
+    assert all(128 <= i["height"] <= 160 and i["height"] <= i["width"] <= 1.75 * i["height"] + 1 for i in coco["images"])
+    stride = 2 ** (cfg.backbone_stages + 1)
+    losses = {}
+    for name, world, size in (("mixed", mixed, cfg.image_size), ("square", square, 64)):
+        dataset = data.build_dataset(*data.coco_paths(world, "train"), train=False, image_size=size, max_size=cfg.max_size)
+        images, mask, targets = data.collate([dataset[i] for i in range(8)])
+        if name == "mixed":
+            heights, widths = (~mask).any(2).sum(1), (~mask).any(1).sum(1)
+            assert mask.any() and set(heights.tolist()) == {128} and len(set(widths.tolist())) == 8
+            assert all(16 <= -(-w // stride) <= 28 for w in widths.tolist())
+            cells = [box[2] * w / stride for t, w in zip(targets, widths.tolist()) for box in t["boxes"].tolist()]
+            assert min(cells) > 1.5 and max(cells) > 5          # an object covers more than a cell, up to several
+        torch.manual_seed(0)
+        model = cdetr.ConditionalDETR(replace(cfg, num_classes=4)).eval()
+        criterion = cdetr.SetCriterion(model.cfg)
+        with torch.no_grad():
+            right = criterion(model(images, mask), targets)["loss"]
+            monkeypatch.setattr(cdetr, "key_position_encoding", padded_size_encoding)
+            wrong = criterion(model(images, mask), targets)["loss"]
+            monkeypatch.undo()
+        losses[name] = (float(right), float(wrong))
+    assert losses["square"][0] == losses["square"][1]                  # no padding: the mistake is invisible
+    assert abs(losses["mixed"][0] - losses["mixed"][1]) > 1e-5 * losses["mixed"][0]   # from the first step on
 
 
 # --- bad input -------------------------------------------------------------------------------------
