@@ -51,9 +51,7 @@ Deliberate differences from the paper and the official code
 import argparse
 import math
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, replace
-from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -74,19 +72,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 # optimisation), with the official argument names. pretrained_backbone says whether a new run
 # starts from ImageNet weights (train.py turns it on for the paper's presets); building a model
 # never downloads them, whatever the config says (load_imagenet_weights does, for train.py).
+# Each value is checked when a Config is made (check_config, at the end of the file).
 # ----------------------------------------------------------------------------------------
-
-
-class InputError(Exception):
-    """A mistake in what the user gave (a setting, a file, a dataset); the message names it.
-    The scripts report these as one line; any other exception is a bug and keeps its traceback."""
-
-
-class ConfigError(InputError, ValueError):
-    """A Config value the model cannot use."""
-
-class WeightsError(InputError):
-    """Weights that cannot be used; the message names the file or source and the problem."""
 
 
 @dataclass
@@ -124,7 +111,7 @@ class Config:
     # data and optimisation (used by data.py and train.py)
     image_size: int = 800                 # validation shorter side; training scales 480..800 with it
     max_size: int = 0                     # longer side at most this; 0: 1333 x image_size / 800 (the recipe's)
-    augment: str = "paper"                # training images: "paper" (flips, multi-scale resizes, crops), "flip" (flips only)
+    augment: str = "paper"                # training: "paper" (flips, multi-scale resizes, crops), "flip" (flips only)
     lr: float = 1e-4
     lr_backbone: float = 1e-5
     weight_decay: float = 1e-4
@@ -134,25 +121,7 @@ class Config:
     clip_max_norm: float = 0.1
 
     def __post_init__(self):
-        checks = [
-            (self.decoder in ("conditional", "detr-offset", "detr"), f"decoder must be 'conditional', 'detr-offset' or 'detr', not {self.decoder!r}"),
-            (self.reference_point in ("predicted", "learned", "zero"), f"reference_point must be 'predicted', 'learned' or 'zero', not {self.reference_point!r}"),
-            (self.spatial_query in ("csq", "csq-c", "csq-t", "csq-p", "csq-i"), f"spatial_query must be one of csq, csq-c, csq-t, csq-p, csq-i (Table 3), not {self.spatial_query!r}"),
-            (self.query_transform in ("diagonal", "scalar", "block", "full"), f"query_transform must be 'diagonal', 'scalar', 'block' or 'full' (Fig. 5), not {self.query_transform!r}"),
-            (self.query_transform == "diagonal" or self.spatial_query in ("csq", "csq-i"), f"query_transform {self.query_transform!r} needs spatial_query 'csq' or 'csq-i' (T multiplies p_s)"),
-            (self.train_backbone in ("layer2-4", "all", "none"), f"train_backbone must be 'layer2-4', 'all' or 'none', not {self.train_backbone!r}"),
-            (self.hidden_dim % self.nheads == 0, f"hidden_dim {self.hidden_dim} is not divisible by nheads {self.nheads}"),
-            (self.hidden_dim % 4 == 0, f"hidden_dim {self.hidden_dim} must be a multiple of 4 (sin/cos pairs for x and y)"),
-            (self.backbone_stages in (2, 3, 4), f"backbone_stages must be 2, 3 or 4, not {self.backbone_stages}"),
-            (self.augment in ("paper", "flip"), f"augment must be 'paper' or 'flip', not {self.augment!r}"),
-            (not (self.dilation and self.backbone_stages != 4), "dilation (DC5) needs backbone_stages=4"),
-            (not (self.dilation and self.backbone in ("resnet18", "resnet34")), f"{self.backbone} has basic blocks, which torchvision cannot dilate (DC5)"),
-            (self.image_size >= 1 and self.max_size >= 0, f"image_size must be at least 1 and max_size at least 0 (0: the recipe's), not {self.image_size} and {self.max_size}"),
-            (min(self.enc_layers, self.num_queries, self.num_classes) >= 1 and self.dec_layers >= 1, "layers, queries and classes must be at least 1"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(f"Config: {message}")
+        check_config(self)
 
 
 PRESETS = {
@@ -180,8 +149,6 @@ PRESETS = {
 RECIPE_IMAGES_PER_STEP = {"tiny": 16, "tiny-mixed": 16, "r50": 16, "r50-dc5": 8, "r101": 16, "r101-dc5": 8}
 # The paper's models: a new run of one starts from ImageNet weights; each has official COCO weights.
 PAPER_PRESETS = ("r50", "r50-dc5", "r101", "r101-dc5")
-# [ours] The setting that trains a paper preset's backbone without ImageNet weights (no network).
-FROM_SCRATCH = "--set pretrained_backbone=false train_backbone=all frozen_batchnorm=false"
 
 
 def preset(name: str, **overrides) -> Config:
@@ -371,7 +338,8 @@ class Encoder(nn.Module):
 
 class DecoderLayer(nn.Module):
     """One decoder layer (paper Fig. 3): self-attention among the queries, cross-attention to
-    the image, FFN; post-norm.
+    the image, FFN; post-norm. Decoder.forward forms the spatial query p_q between the two
+    attentions, as the figure's grey box does.
 
     decoder="conditional" (§3.3): each head's cross-attention query is the concatenation
     [c_q ; p_q] of the content query and the conditional spatial query, and its key is
@@ -411,25 +379,33 @@ class DecoderLayer(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.attn_dropout = cfg.dropout
 
-    def forward(self, tgt: Tensor, memory: Tensor, key_pos: Tensor, key_padding_mask: Tensor,
-                query_pos: Tensor, spatial_query: Callable[[Tensor], Tensor] | None,
-                return_attention: bool = False) -> tuple[Tensor, dict[str, Tensor] | None]:
-        """tgt (B, Q, D) the decoder embeddings f; memory, key_pos (B, HW, D) the encoder output
-        and p_k; key_padding_mask (B, HW); query_pos (B, Q, D) the object queries o_q;
-        spatial_query maps this layer's self-attention output (B, Q, D) to p_q (B, Q, D)
-        (Decoder.spatial_query; None for the DETR-style decoders). Returns the new tgt (B, Q, D) and, if
-        return_attention, the cross-attention logits {"content", "spatial", "combined"}, each
-        (B, nh, Q, HW)."""
-        nh, p = self.nheads, self.attn_dropout if self.training else 0.0
+    def forward(self, tgt: Tensor, memory: Tensor, key_pos: Tensor, key_padding_mask: Tensor, query_pos: Tensor,
+                p_q: Tensor | None, return_attention: bool = False) -> tuple[Tensor, dict[str, Tensor] | None]:
+        """The whole layer, as Figure 3 draws it: self_attention, then cross_attention (with the
+        FFN). Decoder.forward runs the two itself, to form p_q between them."""
+        return self.cross_attention(self.self_attention(tgt, query_pos), memory, key_pos, key_padding_mask,
+                                    query_pos, p_q, return_attention)
 
-        # --- self-attention: every query looks at the others, de-duplicating detections
+    def self_attention(self, tgt: Tensor, query_pos: Tensor) -> Tensor:
+        """Every query looks at the others, which de-duplicates detections. tgt (B, Q, D) the
+        decoder embeddings f, the layer's input; query_pos (B, Q, D) the object queries o_q.
+        Returns (B, Q, D) after add & norm: what the content query c_q is projected from."""
+        nh, p = self.nheads, self.attn_dropout if self.training else 0.0
         q = self.sa_qcontent_proj(tgt) + self.sa_qpos_proj(query_pos)
         k = self.sa_kcontent_proj(tgt) + self.sa_kpos_proj(query_pos)
         v = self.sa_v_proj(tgt)
         out = fused_attention(split_heads(q, nh), split_heads(k, nh), split_heads(v, nh), None, p)
-        tgt = self.norm1(tgt + self.drop(self.sa_out_proj(merge_heads(out))))
+        return self.norm1(tgt + self.drop(self.sa_out_proj(merge_heads(out))))
 
-        # --- cross-attention: every query looks at the image
+    def cross_attention(self, tgt: Tensor, memory: Tensor, key_pos: Tensor, key_padding_mask: Tensor,
+                        query_pos: Tensor, p_q: Tensor | None,
+                        return_attention: bool = False) -> tuple[Tensor, dict[str, Tensor] | None]:
+        """Every query looks at the image, then the FFN. tgt (B, Q, D) the self-attention's
+        output; memory, key_pos (B, HW, D) the encoder output and p_k; key_padding_mask (B, HW);
+        query_pos (B, Q, D) o_q; p_q (B, Q, D) the conditional spatial query (Decoder.spatial_query;
+        None for the DETR-style decoders). Returns the new tgt (B, Q, D) and, if return_attention,
+        the cross-attention logits {"content", "spatial", "combined"}, each (B, nh, Q, HW)."""
+        nh, p = self.nheads, self.attn_dropout if self.training else 0.0
         q_content = split_heads(self.ca_qcontent_proj(tgt), nh)              # (B, nh, Q, hd) c_q
         k_content = split_heads(self.ca_kcontent_proj(memory), nh)           # (B, nh, HW, hd) c_k
         k_pos = split_heads(self.ca_kpos_proj(key_pos), nh)                  # (B, nh, HW, hd) p_k
@@ -439,7 +415,7 @@ class DecoderLayer(nn.Module):
                 # [paper §3.5] first layer: o_q's projection joins c_q, and p_k joins c_k
                 q_content = q_content + split_heads(self.ca_qpos_proj(query_pos), nh)
                 k_content = k_content + k_pos
-            q_spatial = split_heads(self.ca_qpos_sine_proj(spatial_query(tgt)), nh)  # (B, nh, Q, hd) p_q
+            q_spatial = split_heads(self.ca_qpos_sine_proj(p_q), nh)         # (B, nh, Q, hd) p_q, per head
             # [paper §3.3, Eq. (3)] query [c_q ; p_q] and key [c_k ; p_k], concatenated per head
             q = torch.cat([q_content, q_spatial], dim=-1)                    # (B, nh, Q, 2hd)
             k = torch.cat([k_content, k_pos], dim=-1)                        # (B, nh, HW, 2hd)
@@ -467,7 +443,8 @@ class DecoderLayer(nn.Module):
 class Decoder(nn.Module):
     """The L decoder layers, the reference point s and the spatial query p_q (paper §3.3, §3.5).
 
-    The ablations of §4.3 are switches of Config; the defaults are the paper's.
+    The ablations of §4.3 are switches of Config; the defaults are the paper's, and their forms
+    of p_q live in ablated_spatial_query, apart from the paper's path.
         reference_point  "predicted": s = FFN(o_q) (§3.5); "learned": s is a free parameter per
                          query; "zero": s = (0, 0) for every query (§4.3: 40.9, 40.7, 36.8 AP)
         spatial_query    Table 3: "csq" λ_q ⊙ p_s (40.9), "csq-c" f itself (37.1), "csq-t" λ_q
@@ -494,22 +471,30 @@ class Decoder(nn.Module):
             self.query_scale = MLP(D, D, width, 2)                # f -> T (λ_q in the diagonal form)
 
     def spatial_query(self, layer: int, f: Tensor, c_q: Tensor, p_s: Tensor) -> Tensor:
-        """Eq. (4), (s, f) -> p_q, before each layer's per-head projection. f (B, Q, D) is the
-        layer's input decoder embedding, c_q (B, Q, D) its self-attention output, p_s (B, Q, D)
-        = sinusoidal(sigmoid(s)). Returns p_q (B, Q, D)."""
+        """[paper §3.3, Eq. (4)] (s, f) -> p_q, before each layer's per-head projection. f (B, Q, D)
+        is the layer's input decoder embedding, c_q (B, Q, D) its self-attention output (only
+        CSQ-I uses it), p_s (B, Q, D) = sinusoidal(sigmoid(s)). Returns p_q (B, Q, D)."""
+        if (self.cfg.spatial_query, self.cfg.query_transform) != ("csq", "diagonal"):
+            return self.ablated_spatial_query(layer, f, c_q, p_s)
+        if layer == 0:
+            return p_s        # [ours] the official code skips T in the first layer: λ_q = 1 there
+        # [paper §3.3, Eq. (6)] p_q = T p_s = λ_q ⊙ p_s, T diagonal: λ_q = FFN(f)
+        return self.query_scale(f) * p_s
+
+    def ablated_spatial_query(self, layer: int, f: Tensor, c_q: Tensor, p_s: Tensor) -> Tensor:
+        """[ours] §4.3's other forms of p_q (skip on a first reading): Table 3's variants and
+        Fig. 5's forms of T, with spatial_query's arguments."""
         variant = self.cfg.spatial_query
         if variant == "csq-c":                   # Table 3, CSQ-C: the decoder embedding itself
             return f
         if variant == "csq-p":                   # Table 3, CSQ-P: p_s alone, T = identity
             return p_s
-        if layer == 0 and variant != "csq-i":
-            # [ours] official code: λ_q = 1 in the first layer, where f is still zero
+        if layer == 0 and variant != "csq-i":    # no T in the first layer, as for the paper's form
             return p_s if variant == "csq" else torch.ones_like(p_s)
         T = self.query_scale(c_q if variant == "csq-i" else f)              # Table 3, CSQ-I: from c_q
         if variant == "csq-t":                   # Table 3, CSQ-T: the transformation alone
             return T
-        if T.shape[-1] <= p_s.shape[-1]:
-            # [paper §3.3, Eq. (6)] p_q = T p_s = λ_q ⊙ p_s, T diagonal (Fig. 5 "scalar": λ_q (B, Q, 1))
+        if T.shape[-1] <= p_s.shape[-1]:         # Fig. 5 "scalar": λ_q (B, Q, 1); or CSQ-I's diagonal
             return T * p_s
         B, Q, D = p_s.shape                      # Fig. 5: block-diagonal (nh blocks of D/nh) or full
         n = self.cfg.nheads if self.cfg.query_transform == "block" else 1
@@ -541,10 +526,13 @@ class Decoder(nn.Module):
             p_s = reference_point_embedding(reference, D)                    # (B, Q, D)
         hs, maps = [], []
         for i, layer in enumerate(self.layers):
-            # p_q is formed inside the layer, after its self-attention (which CSQ-I needs)
-            spatial_query = partial(self.spatial_query, i, tgt, p_s=p_s) if self.conditional else None
-            tgt, layer_maps = layer(tgt, memory, key_pos, key_padding_mask, query_pos, spatial_query,
-                                    return_attention)
+            # [paper Fig. 3] self-attention; then p_q from s and f, the layer's input (Eq. (4));
+            # then the cross-attention and the FFN
+            f = tgt
+            tgt = layer.self_attention(f, query_pos)
+            p_q = self.spatial_query(i, f, tgt, p_s) if self.conditional else None
+            tgt, layer_maps = layer.cross_attention(tgt, memory, key_pos, key_padding_mask, query_pos, p_q,
+                                                    return_attention)
             hs.append(self.norm(tgt))
             if return_attention:
                 maps.append(layer_maps)
@@ -724,8 +712,8 @@ def box_normaliser(targets: list[dict], device) -> float:
 class SetCriterion(nn.Module):
     """The set loss (paper §3.5, "Loss function", as in DETR and deformable DETR): match, then
     a sigmoid focal loss on the classes of all queries (matched ones aim at their target's
-    class, the others at nothing) and L1 + GIoU on the matched boxes. With cfg.aux_loss every decoder layer is matched and
-    supervised on its own. All terms are divided by the number of target boxes in the batch
+    class, the others at nothing) and L1 + GIoU on the matched boxes. With cfg.aux_loss every
+    decoder layer is matched and supervised on its own. All terms are divided by the number of target boxes in the batch
     (averaged over processes when training distributed), at least 1."""
 
     def __init__(self, cfg: Config):
@@ -818,10 +806,60 @@ class PostProcess(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------
-# [ours] Beyond the method (skip on a first reading): a faster inference, the attention maps
-# the pictures draw, and weights from elsewhere: ImageNet for the backbone, our checkpoints,
-# the official model zoo and Hugging Face hub files.
+# [ours] Beyond the method (skip on a first reading): the checks of a Config and the errors
+# that name a user's mistake, a faster inference, the attention maps the pictures draw, and
+# weights from elsewhere: ImageNet for the backbone, our checkpoints, the official model zoo
+# and Hugging Face hub files.
 # ----------------------------------------------------------------------------------------
+
+
+class InputError(Exception):
+    """A mistake in what the user gave (a setting, a file, a dataset); the message names it.
+    The scripts report these as one line; any other exception is a bug and keeps its traceback."""
+
+
+class ConfigError(InputError, ValueError):
+    """A Config value the model cannot use."""
+
+
+class WeightsError(InputError):
+    """Weights that cannot be used; the message names the file or source and the problem."""
+
+
+# The setting that trains a paper preset's backbone without ImageNet weights (no network).
+FROM_SCRATCH = "--set pretrained_backbone=false train_backbone=all frozen_batchnorm=false"
+
+
+def check_config(cfg: Config):
+    """ConfigError naming the first value of `cfg` the model cannot use."""
+    checks = [
+        (cfg.decoder in ("conditional", "detr-offset", "detr"),
+         f"decoder must be 'conditional', 'detr-offset' or 'detr', not {cfg.decoder!r}"),
+        (cfg.reference_point in ("predicted", "learned", "zero"),
+         f"reference_point must be 'predicted', 'learned' or 'zero', not {cfg.reference_point!r}"),
+        (cfg.spatial_query in ("csq", "csq-c", "csq-t", "csq-p", "csq-i"),
+         f"spatial_query must be one of csq, csq-c, csq-t, csq-p, csq-i (Table 3), not {cfg.spatial_query!r}"),
+        (cfg.query_transform in ("diagonal", "scalar", "block", "full"),
+         f"query_transform must be 'diagonal', 'scalar', 'block' or 'full' (Fig. 5), not {cfg.query_transform!r}"),
+        (cfg.query_transform == "diagonal" or cfg.spatial_query in ("csq", "csq-i"),
+         f"query_transform {cfg.query_transform!r} needs spatial_query 'csq' or 'csq-i' (T multiplies p_s)"),
+        (cfg.train_backbone in ("layer2-4", "all", "none"),
+         f"train_backbone must be 'layer2-4', 'all' or 'none', not {cfg.train_backbone!r}"),
+        (cfg.hidden_dim % cfg.nheads == 0, f"hidden_dim {cfg.hidden_dim} is not divisible by nheads {cfg.nheads}"),
+        (cfg.hidden_dim % 4 == 0, f"hidden_dim {cfg.hidden_dim} must be a multiple of 4 (sin/cos pairs for x and y)"),
+        (cfg.backbone_stages in (2, 3, 4), f"backbone_stages must be 2, 3 or 4, not {cfg.backbone_stages}"),
+        (cfg.augment in ("paper", "flip"), f"augment must be 'paper' or 'flip', not {cfg.augment!r}"),
+        (not (cfg.dilation and cfg.backbone_stages != 4), "dilation (DC5) needs backbone_stages=4"),
+        (not (cfg.dilation and cfg.backbone in ("resnet18", "resnet34")),
+         f"{cfg.backbone} has basic blocks, which torchvision cannot dilate (DC5)"),
+        (cfg.image_size >= 1 and cfg.max_size >= 0, f"image_size must be at least 1 and max_size at least 0 (0: the "
+                                                    f"recipe's), not {cfg.image_size} and {cfg.max_size}"),
+        (min(cfg.enc_layers, cfg.num_queries, cfg.num_classes) >= 1 and cfg.dec_layers >= 1,
+         "layers, queries and classes must be at least 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(f"Config: {message}")
 
 
 @torch.no_grad()
@@ -982,7 +1020,8 @@ def read_checkpoint(path) -> dict:
         if found:
             raise WeightsError(f"{path}: holds a pickled {found[1]}, which is never unpickled here (it could "
                                f"run code); save plain tensors and dicts instead") from None
-        detail = type(e).__name__ if not str(e) or "Weights only load failed" in str(e) else str(e).splitlines()[0][:100]
+        plain = not str(e) or "Weights only load failed" in str(e)
+        detail = type(e).__name__ if plain else str(e).splitlines()[0][:100]
         raise WeightsError(f"{path}: not a torch or safetensors file, or a damaged one ({detail})") from None
 
 
@@ -1039,7 +1078,8 @@ def load_pretrained(source: str) -> Pretrained:
     weights = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     keys = list(weights) if isinstance(weights, dict) else []
     if not keys or not all(isinstance(v, Tensor) for v in weights.values()):
-        found = f"a dict with keys {list(checkpoint)[:6]}" if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        found = (f"a dict with keys {list(checkpoint)[:6]}" if isinstance(checkpoint, dict) else
+                 type(checkpoint).__name__)
         raise WeightsError(f"{path}: no model weights in it (found {found})")
     if any(k.startswith("transformer.") for k in keys):
         weights, kind = convert_official_state_dict(weights), "official checkpoint"

@@ -35,6 +35,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 import cdetr
+import runs
 
 
 class DatasetError(cdetr.InputError):
@@ -157,7 +158,8 @@ class CocoDetection(torch.utils.data.Dataset):
         self.coco = load_coco(self.annotation_file)
         ids = sorted(self.coco.imgs)
         if subset is not None:
-            ids = sorted(random.Random(subset_seed).sample(ids, min(subset, len(ids)))) if subset_seed is not None else ids[:subset]
+            ids = (sorted(random.Random(subset_seed).sample(ids, min(subset, len(ids)))) if subset_seed is not None
+                   else ids[:subset])
         missing = [i for i in ids if not (self.images_dir / self.coco.imgs[i]["file_name"]).is_file()]
         if missing and not skip_bad_images:
             raise DatasetError(f"{self.images_dir / self.coco.imgs[missing[0]]['file_name']}: listed in "
@@ -213,7 +215,7 @@ class CocoDetection(torch.utils.data.Dataset):
         boxes = box_convert(target["boxes"].as_subclass(torch.Tensor), "xyxy", "cxcywh")
         boxes = boxes / torch.tensor([width, height, width, height], dtype=torch.float32)
         return image, {"labels": target["labels"], "boxes": boxes, "image_id": image_id,
-                       "orig_size": torch.tensor([self.coco.imgs[image_id]["height"], self.coco.imgs[image_id]["width"]]),
+                       "orig_size": torch.tensor([self.coco.imgs[image_id][k] for k in ("height", "width")]),
                        "size": torch.tensor([height, width])}
 
 
@@ -249,6 +251,40 @@ def collate(batch: list, pad_to: int = 0) -> tuple[torch.Tensor, torch.Tensor, l
         images[i, :, :image.shape[1], :image.shape[2]] = image
         mask[i, :image.shape[1], :image.shape[2]] = False
     return images, mask, [target for _, target in batch]
+
+
+class EpochShard(torch.utils.data.Dataset):
+    """One process's share of one epoch of `dataset`, in a shuffled order: what torch's
+    DistributedSampler(shuffle=True, drop_last=True) with set_epoch(epoch) gives (an order fixed
+    by the seed and the epoch, here a permutation drawn with seed * 1000 + epoch; process `rank`
+    takes every `world_size`-th sample; the remainder is dropped), plus two things. Each sample
+    is augmented under a random seed of its own, fixed by (seed, epoch, position), with the
+    random state around it left as it was, so the batches are the same however many loading
+    workers make them; and `first` skips the samples a resumed epoch has trained, so it goes on
+    with the batches it stopped before."""
+
+    def __init__(self, dataset, seed: int, epoch: int, rank: int = 0, world_size: int = 1, first: int = 0):
+        generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+        order = torch.randperm(len(dataset), generator=generator)
+        seeds = torch.randint(2**62, (len(dataset),), generator=generator)
+        end = len(dataset) // world_size * world_size
+        self.dataset = dataset
+        mine = slice(first + rank, end, world_size)
+        self.samples = list(zip(order[mine].tolist(), seeds[mine].tolist()))
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, position: int):
+        index, seed = self.samples[position]
+        python_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            random.seed(seed)
+            torch.manual_seed(seed)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(python_state)
 
 
 def prepare(images: list[Image.Image], image_size: int = 800, max_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -513,6 +549,84 @@ def require_same_categories(training: dict[int, str], training_file, validation:
                            f"{'; '.join(disagree[:3])}{' ...' if len(disagree) > 3 else ''}")
 
 
+def with_dataset_paths(args: argparse.Namespace) -> argparse.Namespace:
+    """train.py's flags with the four paths it reads filled in: those given, or --coco-path's
+    COCO layout, or the built-in world of --preset (--shapes-dir, by default data/shapes-64,
+    data/shapes-mixed for tiny-mixed), whose folder is filled in too. A new namespace."""
+    args = argparse.Namespace(**vars(args))
+    builtin = not (args.coco_path or args.train_images)
+    if builtin and not args.shapes_dir:
+        args.shapes_dir = str(world_folder(args.preset))
+    if args.coco_path or builtin:
+        root = args.coco_path or args.shapes_dir
+        (args.train_images, args.train_annotations), (args.val_images, args.val_annotations) = (
+            map(str, coco_paths(root, "train")), map(str, coco_paths(root, "val")))
+    if not (args.train_annotations and args.val_images and args.val_annotations):
+        raise cdetr.InputError("--train-images: give --coco-path, or all of --train-images --train-annotations "
+                               "--val-images --val-annotations")
+    return args
+
+
+def check_categories(train_set, val_set, args, checkpoint: dict | None, pretrained, main_process: bool):
+    """train.py's start-up check: the training file, the validation file and the weights the run
+    resumes (`checkpoint`) or starts from (`pretrained`, a cdetr.Pretrained) mean the same by each
+    category id. A disagreement is a DatasetError, except for --init-from weights whose class head
+    is kept (the data has as many classes): a warning then."""
+    require_same_categories(train_set.category_names, args.train_annotations, val_set.category_names,
+                            args.val_annotations)
+    stored = (checkpoint and {int(k): v for k, v in checkpoint.get("category_names", {}).items()}) or (
+        pretrained and pretrained.category_names)
+    if not stored:
+        return
+    source = args.resume or args.init_from
+    disagree = category_disagreements(train_set.category_names, args.train_annotations, stored, source)
+    if disagree and checkpoint:
+        raise DatasetError(f"--resume {source}: was trained on other categories than "
+                           f"{args.train_annotations}: {'; '.join(disagree[:3])}")
+    if disagree and max(stored) + 1 == train_set.num_classes and main_process:
+        print(f"warning: --init-from {source} keeps its class head, whose classes mean something else here: "
+              f"{'; '.join(disagree[:3])}{' ...' if len(disagree) > 3 else ''}")
+
+
+def check_one_batch(dataset, annotation_file, batch_size: int, world_size: int):
+    """train.py's start-up check: the training set fills one batch on every process (the last
+    incomplete batch is dropped)."""
+    if len(dataset) < batch_size * world_size:
+        raise DatasetError(f"{annotation_file}: {len(dataset)} training images, fewer than one batch of {batch_size} x "
+                           f"{world_size} process(es), and the last incomplete batch is dropped; add images or give a "
+                           f"--batch-size of at most {max(1, len(dataset) // world_size)}")
+
+
+def scan_dataset(coco: COCO, images_dir: Path, annotation_file: Path) -> tuple:
+    """check_dataset's pass over every image: its annotations as training reads them and its
+    file's header. Returns (boxes per category id, counts, file modes, {kind of problem:
+    messages}, {image id: (boxes, labels)}, the ids of images that cannot be read)."""
+    boxes_per_category, counts, modes, problems, targets, unusable = Counter(), Counter(), Counter(), {}, {}, set()
+    for image_id in sorted(coco.imgs):
+        info = coco.imgs[image_id]
+        try:
+            boxes, labels, image_counts = clean_annotations(coco, image_id, annotation_file)
+            targets[image_id] = (boxes, labels)
+            counts += image_counts
+            counts["boxes"] += len(labels)
+            counts["empty images"] += not len(labels)
+            boxes_per_category.update(labels.tolist())
+        except DatasetError as e:
+            problems.setdefault("malformed annotations", []).append(str(e))
+        path = images_dir / info["file_name"]
+        try:
+            header = read_image(path, (info["width"], info["height"]), header_only=True,
+                                annotation_file=annotation_file)
+            modes[header.mode] += 1
+            counts["turned"] += header.getexif().get(EXIF_ORIENTATION, 1) != 1
+        except DatasetError as e:
+            kind = ("missing files" if not path.is_file() else "mis-sized files" if "says" in str(e) else
+                    "unreadable files")
+            problems.setdefault(kind, []).append(str(e))
+            unusable.add(image_id)
+    return boxes_per_category, counts, modes, problems, targets, unusable
+
+
 def check_dataset(images_dir: str | Path, annotation_file: str | Path, draw: int = 0,
                   out_dir: str | Path | None = None,
                   training: tuple[dict[int, str], Path] | None = None) -> tuple[list[str], dict[int, str]]:
@@ -530,27 +644,7 @@ def check_dataset(images_dir: str | Path, annotation_file: str | Path, draw: int
     coco = load_coco(annotation_file, quiet=True)
     ids = sorted(coco.imgs)
     names = {c["id"]: c["name"] for c in coco.dataset.get("categories", [])}
-    boxes_per_category, counts, modes, problems, targets, unusable = Counter(), Counter(), Counter(), {}, {}, set()
-    for image_id in ids:
-        info = coco.imgs[image_id]
-        try:
-            boxes, labels, image_counts = clean_annotations(coco, image_id, annotation_file)
-            targets[image_id] = (boxes, labels)
-            counts += image_counts
-            counts["boxes"] += len(labels)
-            counts["empty images"] += not len(labels)
-            boxes_per_category.update(labels.tolist())
-        except DatasetError as e:
-            problems.setdefault("malformed annotations", []).append(str(e))
-        path = images_dir / info["file_name"]
-        try:
-            header = read_image(path, (info["width"], info["height"]), header_only=True, annotation_file=annotation_file)
-            modes[header.mode] += 1
-            counts["turned"] += header.getexif().get(EXIF_ORIENTATION, 1) != 1
-        except DatasetError as e:
-            kind = "missing files" if not path.is_file() else "mis-sized files" if "says" in str(e) else "unreadable files"
-            problems.setdefault(kind, []).append(str(e))
-            unusable.add(image_id)
+    boxes_per_category, counts, modes, problems, targets, unusable = scan_dataset(coco, images_dir, annotation_file)
 
     report = [f"{annotation_file}: {len(ids)} images in {images_dir}",
               f"  categories ({len(names)}): " + ", ".join(f"{i} {names[i]} ({boxes_per_category[i]} boxes)"
@@ -729,7 +823,8 @@ def make_shapes_dataset(out: str | Path, num_train: int = 2000, num_val: int = 3
             image, objects = shapes_example(image_id, split, seed, size, min_side, max_side, classes, max_aspect)
             file_name = f"{image_id:06d}.png"
             image.save(images_dir / file_name)
-            coco["images"].append({"id": image_id, "file_name": file_name, "width": image.width, "height": image.height})
+            coco["images"].append({"id": image_id, "file_name": file_name, "width": image.width,
+                                   "height": image.height})
             for shape in objects:
                 x0, y0, x1, y1 = shape["box"]
                 coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": image_id,
@@ -751,13 +846,13 @@ def ensure_shapes_dataset(out: str | Path, world: str = "shapes-64") -> Path:
 
 
 def main():
-    import runs   # the command line's one-line errors (runs.py imports this file, so not at the top)
     parser = runs.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     shapes = sub.add_parser("shapes", help="write a synthetic shapes dataset in COCO layout")
     shapes.add_argument("--world", choices=list(WORLDS), default="shapes-64",
-                        help="a built-in world's settings: shapes-64 (64 x 64 images) or shapes-mixed (landscape images "
-                             "of mixed sizes, 128 to 160 px high, 1 to 1.75 times as wide); the flags below override them")
+                        help="a built-in world's settings: shapes-64 (64 x 64 images) or shapes-mixed (landscape "
+                             "images of mixed sizes, 128 to 160 px high, 1 to 1.75 times as wide); the flags below "
+                             "override them")
     shapes.add_argument("--out", help="output folder (default: data/<world>)")
     shapes.add_argument("--train", type=runs.positive_int, default=2000, help="number of training images")
     shapes.add_argument("--val", type=runs.positive_int, default=300, help="number of validation images")
@@ -808,6 +903,5 @@ def main():
 
 
 if __name__ == "__main__":
-    import runs
     with runs.report_input_errors():
         main()

@@ -28,6 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from PIL import Image
 from pycocotools.cocoeval import COCOeval
 from torchvision.ops import box_convert, box_iou
@@ -58,8 +59,28 @@ def predict(model: cdetr.ConditionalDETR, loader, device, amp: bool = False) -> 
             xywh = box_convert(result["boxes"].float(), "xyxy", "xywh")
             detections += [{"image_id": target["image_id"], "category_id": label, "bbox": [round(v, 2) for v in box],
                             "score": round(score, 5)}
-                           for label, box, score in zip(result["labels"].tolist(), xywh.tolist(), result["scores"].float().tolist())]
+                           for label, box, score in zip(result["labels"].tolist(), xywh.tolist(),
+                                                        result["scores"].float().tolist())]
     return detections
+
+
+def coco_evaluate(model: cdetr.ConditionalDETR, loader, dataset: data.CocoDetection, device, amp: bool = False,
+                  distributed: bool = False, title: str = "") -> tuple[dict, list[dict]]:
+    """The one COCO evaluation, train.py's every epoch and evaluate.py's: `model` predicts the
+    images of `loader` (under torchrun, this process's share of `dataset`), every process's
+    detections are gathered, and the main process scores them all against `dataset`'s
+    annotations, printing `title` and the tables (coco_metrics). Returns (metrics, detections);
+    ({}, []) on the other processes."""
+    detections = predict(model, loader, device, amp)
+    if distributed:
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, detections)
+        if dist.get_rank() != 0:
+            return {}, []
+        detections = [d for part in gathered for d in part]
+    if title:
+        print(title)
+    return coco_metrics(dataset.coco, detections, dataset.ids), detections
 
 
 def compiled(model: torch.nn.Module) -> torch.nn.Module:
@@ -152,7 +173,8 @@ def image_files(sources: list[str]) -> list[Path]:
         else:
             raise data.DatasetError(f"{source}: no such file or folder")
     if not files:
-        raise data.DatasetError(f"{', '.join(sources)}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise data.DatasetError(f"{', '.join(sources)}: no images found (looked for "
+                                f"{', '.join(sorted(IMAGE_SUFFIXES))})")
     return files
 
 
@@ -177,7 +199,8 @@ def detect(model: cdetr.ConditionalDETR, files: list[Path], names: dict[int, str
         title = f"{path.name}: {len(found)} detections >= {threshold}"
         detection_picture(image, found, names, threshold, title).save(out_dir / f"{stem}.png")
         found = [{"image": d["image_id"], "category_id": d["category_id"],
-                  "category": names.get(d["category_id"], str(d["category_id"])), "score": d["score"], "bbox": d["bbox"]}
+                  "category": names.get(d["category_id"], str(d["category_id"])), "score": d["score"],
+                  "bbox": d["bbox"]}
                  for d in found]
         print(f"{path}: {len(found)} detections" + "".join(f", {d['category']} {d['score']:.2f}" for d in found))
         detections += found
@@ -224,7 +247,8 @@ def attention_record(model: cdetr.ConditionalDETR, name: str, image: Image.Image
     images, mask = data.prepare([image], image_size, cfg.max_size)
     maps = cdetr.cross_attention_maps(model, images.to(device), mask.to(device), layer=None)
     outputs, pixels = maps["outputs"], torch.tensor([image.width, image.height] * 2)
-    found = cdetr.PostProcess(EXPLAIN_MAX_DETECTIONS)(outputs, torch.tensor([[image.height, image.width]]).to(device))[0]
+    sizes = torch.tensor([[image.height, image.width]]).to(device)
+    found = cdetr.PostProcess(EXPLAIN_MAX_DETECTIONS)(outputs, sizes)[0]
     ranked = [(score, label, box, query, None) for score, label, box, query in zip(    # best first
         found["scores"].tolist(), found["labels"].tolist(), found["boxes"].tolist(), found["queries"].tolist())]
     below_threshold = ranked[0][0] < threshold
@@ -311,14 +335,16 @@ def load_model(source: str, preset: str | None) -> tuple[cdetr.ConditionalDETR, 
     return cdetr.fold_batchnorm(model.eval()), pretrained, names
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, its combinations checked (one line for a mistake)."""
     parser = runs.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", "--checkpoint", "--official-checkpoint", required=True, metavar="SOURCE",
                         help="a checkpoint of train.py, an official or Hugging Face file, a model-zoo name (r50, "
                              "r50-dc5, r101, r101-dc5) or a Hugging Face repo id (--checkpoint and "
                              "--official-checkpoint are older names of this flag)")
     parser.add_argument("--preset", choices=sorted(cdetr.PRESETS),
-                        help="architecture of weights without a config of their own (official, Hugging Face); default r50")
+                        help="architecture of weights without a config of their own (official, Hugging Face); "
+                             "default r50")
     parser.add_argument("--detect", nargs="+", metavar="IMAGE_OR_FOLDER",
                         help="detect objects on these images (folders: every image inside); no annotations needed")
     parser.add_argument("--explain", nargs="+", metavar="IMAGE_OR_FOLDER",
@@ -330,7 +356,8 @@ def main(argv=None):
     parser.add_argument("--coco-path", help="COCO-layout folder; val2017 is evaluated")
     parser.add_argument("--images", help="image folder of a COCO-format dataset (with --annotations)")
     parser.add_argument("--annotations", help="COCO-format annotation json (with --images)")
-    parser.add_argument("--image-size", type=runs.positive_int, help="shorter side at test time (default: the model's, 800 for COCO)")
+    parser.add_argument("--image-size", type=runs.positive_int,
+                        help="shorter side at test time (default: the model's, 800 for COCO)")
     parser.add_argument("--max-size", type=runs.positive_int,
                         help="longer side at most this at test time (default: the model's, 1333 for COCO)")
     parser.add_argument("--subset", type=runs.positive_int, help="evaluate the first N images only")
@@ -343,12 +370,12 @@ def main(argv=None):
                         help="images per batch (default: 8, and 1 for DC5 models, which lose AP to padding otherwise)")
     parser.add_argument("--num-workers", type=int, choices=range(0, 65), metavar="N", default=2)
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the model for dataset evaluation, batches padded as train.py --compile pads "
-                             "them (no gain on a CPU, untimed on GPUs: benchmarks/README.md)")
+                        help="torch.compile the model for dataset evaluation, batches padded as train.py --compile "
+                             "pads them (no gain on a CPU, untimed on GPUs: benchmarks/README.md)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", action="store_true",
-                        help="bfloat16 autocast, on a GPU or a CPU with AVX512-BF16 or AMX (elsewhere it may be slower); "
-                             "measured on CPUs only (benchmarks/README.md)")
+                        help="bfloat16 autocast, on a GPU or a CPU with AVX512-BF16 or AMX (elsewhere it may be "
+                             "slower); measured on CPUs only (benchmarks/README.md)")
     args = parser.parse_args(argv)
     if bool(args.images) != bool(args.annotations):
         parser.error("--images and --annotations go together")
@@ -360,15 +387,20 @@ def main(argv=None):
     if args.compile and (args.detect or args.explain):
         parser.error("--compile is for dataset evaluation: --detect and --explain run one image at a time, each "
                      "its own shape, which compiling would not speed up")
-    inputs, mode = (args.detect, "detect") if args.detect else (args.explain, "explain")
-    if inputs:   # checked before the weights are loaded (or downloaded)
-        files = image_files(inputs)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.explain or args.detect:   # checked before the weights are loaded (or downloaded)
+        mode = "detect" if args.detect else "explain"
+        files = image_files(args.detect or args.explain)
         out_dir = Path(args.output) if args.output else runs.unused_dir(f"runs/{mode}")
         holding = next((f.parent for f in files if f.parent.resolve() == out_dir.resolve()), None)
         if holding is not None:
             written = "pictures would be written over them" if mode == "detect" else "pages would be written among them"
-            raise data.DatasetError(f"--output {out_dir}: holds the input images of --{mode} ({holding}); the {written}: "
-                                    f"choose another folder (default runs/{mode})")
+            raise data.DatasetError(f"--output {out_dir}: holds the input images of --{mode} ({holding}); the "
+                                    f"{written}: choose another folder (default runs/{mode})")
     loaded = {}
     for flag, source in (("weights", args.weights), ("compare", args.compare)):
         try:
@@ -389,19 +421,22 @@ def main(argv=None):
           f"{data.longest_side(image_size, model.cfg.max_size)})")
 
     if args.explain:
-        models = [(args.weights, model, names)]
-        if other:
-            models.append((args.compare, other[0].to(device), other[2]))
+        models = [(args.weights, model, names)] + ([(args.compare, other[0].to(device), other[2])] if other else [])
         pages = explain(models, files, out_dir, args.threshold, args.image_size, device)
         print(f"wrote {len(pages)} pages to {out_dir}; open them in a browser (nothing else is needed)")
         return pages
-
     if args.detect:
         detections = detect(model, files, names, out_dir, args.threshold, image_size, device, args.amp)
         (out_dir / "detections.json").write_text(json.dumps(detections, indent=1))
         print(f"wrote {len(detections)} detections to {out_dir / 'detections.json'} and the pictures to {out_dir}")
         return detections
+    return evaluate_dataset(args, model, pretrained, image_size, device)
 
+
+def evaluate_dataset(args, model: cdetr.ConditionalDETR, pretrained: cdetr.Pretrained, image_size: int, device) -> dict:
+    """evaluate.py's dataset evaluation: COCO AP of `model` on --coco-path's val2017,
+    --images/--annotations, or the validation set the checkpoint was trained with; writes
+    detections.json and metrics.json (and with --visualize, pictures) into --output."""
     if args.coco_path:
         images_dir, annotation_file = data.coco_paths(args.coco_path, "val")
     elif args.images:
@@ -409,7 +444,8 @@ def main(argv=None):
     elif pretrained.train_args.get("val_images"):
         images_dir, annotation_file = pretrained.train_args["val_images"], pretrained.train_args["val_annotations"]
     else:
-        parser.error("say which data to evaluate on: --coco-path, --images/--annotations, or --detect")
+        raise runs.UsageError("say which data to evaluate on: --coco-path, --images/--annotations, or --detect; "
+                              "see evaluate.py --help")
     dataset = data.build_dataset(images_dir, annotation_file, train=False, image_size=image_size,
                                  max_size=model.cfg.max_size, subset=args.subset)
     if dataset.num_classes > model.cfg.num_classes:
@@ -423,8 +459,7 @@ def main(argv=None):
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=args.num_workers,
                                          collate_fn=functools.partial(data.collate, pad_to=pad_to),
                                          pin_memory=device.type == "cuda")
-    detections = predict(compiled(model) if args.compile else model, loader, device, args.amp)
-    metrics = coco_metrics(dataset.coco, detections, dataset.ids)
+    metrics, detections = coco_evaluate(compiled(model) if args.compile else model, loader, dataset, device, args.amp)
 
     out_dir = Path(args.output) if args.output else runs.unused_dir("runs/evaluate")
     out_dir.mkdir(parents=True, exist_ok=True)

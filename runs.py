@@ -1,16 +1,16 @@
 """Running train.py: output folders, atomic files, resume, torchrun, one-line errors.
 
 Skip this file on a first reading: nothing in it is the method (cdetr.py), the data pipeline
-(data.py) or the training loop (train.py). It is what lets the loop run on real machines and
-real mistakes:
+(data.py) or the training loop (train.py); it imports cdetr.py only. It is what lets the loop
+run on real machines and real mistakes:
     - the command line: one-line errors for every mistake in the input (`report_input_errors`);
     - torchrun: one process per GPU, and one report when any of them stops;
     - a run's folder: a new, numbered one for each run, never overwriting another;
     - --resume and --init-from: reading the file, which flags and which config win, the checks
       that a resumed run never rewinds; every process's random state, so resume is exact;
     - start-up checks: what can be known before the first step is checked before it;
-    - within an epoch: the order of its samples, checkpoints every --save-every minutes, and a
-      clean stop on SIGTERM or Ctrl-C, all resumable from the step;
+    - within an epoch: progress lines, checkpoints every --save-every minutes, and a clean stop
+      on SIGTERM or Ctrl-C, all resumable from the step;
     - each epoch's log line, curves.png and checkpoints, written atomically.
 """
 
@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import fcntl
 import json
-import math
 import os
 import random
 import shutil
@@ -35,7 +34,6 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import cdetr
-import data
 
 # ----------------------------------------------------------------------------------------
 # The command line: every script's mistakes are one line.
@@ -116,11 +114,10 @@ def given_flags(parser: argparse.ArgumentParser, argv, args: argparse.Namespace)
 # ----------------------------------------------------------------------------------------
 
 
-def init_distributed(args) -> tuple[bool, int, int, torch.device]:
-    """(distributed, rank, world size, device). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE;
-    plain python sets none. NCCL between GPUs, gloo between CPU processes. Also the default
-    --num-workers: 0 on a CPU, where loader processes would compete with the model for cores."""
-    device_name = args.device
+def init_distributed(device_name: str) -> tuple[bool, int, int, torch.device]:
+    """(distributed, rank, world size, device) for --device `device_name`. torchrun sets RANK,
+    LOCAL_RANK and WORLD_SIZE; plain python sets none. NCCL between GPUs, gloo between CPU
+    processes."""
     distributed = "RANK" in os.environ
     if distributed:
         dist.init_process_group("nccl" if device_name == "cuda" else "gloo")
@@ -131,8 +128,6 @@ def init_distributed(args) -> tuple[bool, int, int, torch.device]:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise cdetr.ConfigError(f"--device {device_name}: this machine has no CUDA GPU that torch can use (torch "
                                 f"{torch.__version__}); leave --device out to train on the CPU")
-    if args.num_workers is None:
-        args.num_workers = 0 if device.type == "cpu" else 4
     return distributed, rank, world_size, device
 
 
@@ -148,12 +143,14 @@ def one_report_for_all_processes():
     try:
         yield
     except BaseException as e:
-        ending_normally = isinstance(e, KeyboardInterrupt) or (isinstance(e, SystemExit) and e.code in (0, 130, 143, None))
+        ending_normally = isinstance(e, KeyboardInterrupt) or (isinstance(e, SystemExit) and
+                                                               e.code in (0, 130, 143, None))
         if "RANK" not in os.environ or ending_normally:
             raise
         first = first_to_stop()
         if os.environ.get("TORCHELASTIC_ERROR_FILE"):   # torchrun's closing summary quotes this instead of a link
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[-1] if first else "stopped: another process failed"
+            reason = ((str(e).strip().splitlines() or [type(e).__name__])[-1] if first else
+                      "stopped: another process failed")
             report = json.dumps({"message": {
                 "message": reason, "extraInfo": {"py_callstack": reason, "timestamp": str(int(time.time()))}}})
             # atomically: torchrun ends the other processes when the first one fails, and reads
@@ -191,10 +188,11 @@ DATA_FLAGS = ("coco_path", "shapes_dir", "train_images", "train_annotations", "v
 
 @dataclass
 class Run:
+    args: argparse.Namespace           # the flags, with the run's own where --resume's command line gives none
     output_dir: Path
     checkpoint: dict | None            # --resume: what train.py saved
     pretrained: cdetr.Pretrained | None  # --init-from: the weights in our names
-    builtin_data: bool                 # the shapes dataset, generated on first use
+    builtin_data: bool                 # a built-in shapes world, generated on first use
 
     @property
     def new(self) -> bool:
@@ -204,13 +202,14 @@ class Run:
 
 def open_run(args, main_process: bool, distributed: bool) -> Run:
     """The run's folder; the checkpoint of --resume or the weights of --init-from, read and
-    checked; the run's own flags for those the command line leaves out (--resume); the data
-    paths (--coco-path, or the built-in shapes data); a resume that would rewind refused."""
+    checked; the flags as the run uses them (a copy of `args` with the folder and, on --resume,
+    the run's own flags for those the command line leaves out); a resume that would rewind
+    refused."""
     output_dir = [output_folder(args) if main_process else None]
     if distributed:   # every process writes its messages about the folder the main process chose
         dist.broadcast_object_list(output_dir, src=0)
     output_dir = output_dir[0]
-    args.output_dir = str(output_dir)
+    args = argparse.Namespace(**{**vars(args), "output_dir": str(output_dir)})
     try:
         checkpoint = cdetr.read_checkpoint(args.resume) if args.resume else None
         pretrained = cdetr.load_pretrained(args.init_from) if args.init_from else None
@@ -228,23 +227,14 @@ def open_run(args, main_process: bool, distributed: bool) -> Run:
                 setattr(args, key, value)
 
     builtin_data = not (args.coco_path or args.train_images)
-    if builtin_data and not args.shapes_dir:   # the built-in world the preset trains on
-        args.shapes_dir = str(data.world_folder(args.preset))
-    if args.coco_path or builtin_data:
-        root = args.coco_path or args.shapes_dir
-        (args.train_images, args.train_annotations), (args.val_images, args.val_annotations) = (
-            map(str, data.coco_paths(root, "train")), map(str, data.coco_paths(root, "val")))
-    if not (args.train_annotations and args.val_images and args.val_annotations):
-        raise cdetr.InputError("--train-images: give --coco-path, or all of --train-images --train-annotations "
-                               "--val-images --val-annotations")
-
     if checkpoint:
         done = position(checkpoint)
         latest = output_dir / "checkpoint.pth"
         if main_process and latest.exists() and latest.resolve() != Path(args.resume).resolve():
             newer = position(cdetr.read_checkpoint(latest))
             if newer > done:
-                raise cdetr.InputError(f"--resume {args.resume}: ends at {where(done)}, but {latest} is at {where(newer)}: "
+                raise cdetr.InputError(f"--resume {args.resume}: ends at {where(done)}, but {latest} is at "
+                                       f"{where(newer)}: "
                                        f"continuing here would rewind the run and overwrite it; resume {latest}, or "
                                        f"branch off from {where(done)} into a new folder with --output-dir")
         if args.epochs is not None and args.epochs < done[0] + (done[1] > 0):
@@ -252,7 +242,7 @@ def open_run(args, main_process: bool, distributed: bool) -> Run:
             raise cdetr.ConfigError(f"--epochs {args.epochs}: {args.resume} has already trained {trained}; give "
                                     f"the new total, at least {done[0] + (done[1] > 0)}")
         warn_about_changed_flags(args, checkpoint["args"])
-    return Run(output_dir, checkpoint, pretrained, builtin_data)
+    return Run(args, output_dir, checkpoint, pretrained, builtin_data)
 
 
 def output_folder(args) -> Path:
@@ -263,7 +253,8 @@ def output_folder(args) -> Path:
     second run that asks for the same folder at the same moment gets the next free number
     instead, and a resume of a run that is still going is refused. A run that ends, however it
     ends, lets go of the lock, so a folder left by a failed start is free again."""
-    if args.resume and Path(args.output_dir or Path(args.resume).parent).resolve() == Path(args.resume).resolve().parent:
+    resumed_folder = Path(args.resume).resolve().parent if args.resume else None
+    if resumed_folder and Path(args.output_dir or resumed_folder).resolve() == resumed_folder:
         folder = Path(args.resume).parent
         if not lock_folder(folder):
             raise cdetr.InputError(f"--resume {args.resume}: another run is writing to {folder} now; wait for it to "
@@ -328,11 +319,12 @@ def warn_about_changed_flags(args, stored: dict):
                   f"resumed ({effect})")
 
 
-def resolve_config(args, run: Run) -> tuple[cdetr.Config, str]:
-    """The run's Config and where it came from: the checkpoint's (--resume, with the new
-    --epochs), or the config of the --init-from weights, or the preset (default: tiny for the
-    built-in data, r50 otherwise), then the flags and --set. A new run of the paper's presets
-    starts from ImageNet weights; a frozen random backbone is refused."""
+def resolve_config(args, run: Run) -> tuple[cdetr.Config, str, str | None]:
+    """The run's Config, where it came from and the preset's name: the checkpoint's (--resume,
+    with the new --epochs), or the config of the --init-from weights, or the preset (default:
+    tiny for the built-in data, r50 otherwise), then the flags and --set. A new run of the
+    paper's presets starts from ImageNet weights; a frozen random backbone is refused."""
+    preset = args.preset
     if run.checkpoint:
         cfg = replace(cdetr.checkpoint_config(run.checkpoint, args.resume),
                       epochs=args.epochs or run.checkpoint["config"]["epochs"])
@@ -341,19 +333,19 @@ def resolve_config(args, run: Run) -> tuple[cdetr.Config, str]:
         cfg = make_config(args, run.pretrained.config)     # the architecture the weights were trained with
         origin = f"the config of {args.init_from}"
     else:
-        args.preset = args.preset or ("tiny" if run.builtin_data else "r50")
-        base = cdetr.preset(args.preset)
-        if args.preset in cdetr.PAPER_PRESETS:            # the paper's models train from an ImageNet backbone
+        preset = preset or ("tiny" if run.builtin_data else "r50")
+        base = cdetr.preset(preset)
+        if preset in cdetr.PAPER_PRESETS:                 # the paper's models train from an ImageNet backbone
             base = replace(base, pretrained_backbone=True)
         cfg = make_config(args, base)
-        origin = f"preset {args.preset}"
+        origin = f"preset {preset}"
     if run.new and not cfg.pretrained_backbone and (
             cfg.frozen_batchnorm or cfg.train_backbone != "all"):
         raise cdetr.ConfigError(
             f"{origin}: without ImageNet weights (pretrained_backbone=false) the backbone would train around random "
             f"layers that never change (train_backbone={cfg.train_backbone}) or identity BatchNorm (frozen_batchnorm="
             f"{cfg.frozen_batchnorm}); use --pretrained-backbone, or train it all from scratch: {cdetr.FROM_SCRATCH}")
-    return cfg, origin
+    return cfg, origin, preset
 
 
 def make_config(args, base: cdetr.Config) -> cdetr.Config:
@@ -376,41 +368,6 @@ def make_config(args, base: cdetr.Config) -> cdetr.Config:
             kind = {int: "a whole number", float: "a number", bool: "true or false"}.get(types[key], "text")
             raise cdetr.ConfigError(f"--set {item}: {key} takes {kind}, not {value!r}") from None
     return replace(base, **overrides)
-
-
-def seed_everything(seed: int):
-    """Python's, numpy's and torch's generators (the augmentation draws from all three)."""
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed)
-
-
-def check_data(args, run: Run, cfg: cdetr.Config, train_set, val_set, world_size: int,
-               main_process: bool) -> cdetr.Config:
-    """The training file, the validation file and the weights mean the same by each category
-    id; there is at least one batch. Returns `cfg` with the data's class count (a new run)."""
-    data.require_same_categories(train_set.category_names, args.train_annotations, val_set.category_names,
-                                 args.val_annotations)
-    checkpoint, pretrained = run.checkpoint, run.pretrained
-    stored = (checkpoint and {int(k): v for k, v in checkpoint.get("category_names", {}).items()}) or (
-        pretrained and pretrained.category_names)
-    if stored:
-        source = args.resume or args.init_from
-        disagree = data.category_disagreements(train_set.category_names, args.train_annotations, stored, source)
-        if disagree and checkpoint:
-            raise data.DatasetError(f"--resume {source}: was trained on other categories than "
-                                    f"{args.train_annotations}: {'; '.join(disagree[:3])}")
-        if disagree and max(stored) + 1 == train_set.num_classes and main_process:
-            print(f"warning: --init-from {source} keeps its class head, whose classes mean something else here: "
-                  f"{'; '.join(disagree[:3])}{' ...' if len(disagree) > 3 else ''}")
-    if len(train_set) < cfg.batch_size * world_size:
-        raise data.DatasetError(f"{args.train_annotations}: {len(train_set)} training images, fewer than one batch of "
-                                f"{cfg.batch_size} x {world_size} process(es), and the last incomplete batch is dropped; "
-                                f"add images or give a --batch-size of at most {max(1, len(train_set) // world_size)}")
-    if not checkpoint and not any(s.startswith("num_classes=") for s in args.set):
-        cfg = replace(cfg, num_classes=train_set.num_classes)
-    args.image_size = cfg.image_size
-    return cfg
 
 
 def load_init_weights(model: torch.nn.Module, args, run: Run, cfg: cdetr.Config, origin: str, main_process: bool):
@@ -484,7 +441,7 @@ def start(args, run: Run, model, cfg: cdetr.Config, origin: str, images: str, wo
     if recipe and per_step != recipe and not run.pretrained:
         accumulate = recipe / (cfg.batch_size * world_size)
         fix = (f"--gradient-accumulation-steps {accumulate:.0f} restores it" if accumulate == int(accumulate) else
-               f"--gradient-accumulation-steps and --batch-size can restore it")
+               "--gradient-accumulation-steps and --batch-size can restore it")
         print(f"warning: preset {args.preset}'s recipe (lr {cfg.lr:g}) takes {recipe} images per optimizer step, this "
               f"run {per_step}; {fix}")
 
@@ -513,40 +470,8 @@ def check_output_folder(folder: Path, model: torch.nn.Module):
 
 
 # ----------------------------------------------------------------------------------------
-# Within an epoch: its samples, checkpoints mid-epoch (--save-every), clean stops (SIGTERM, Ctrl-C).
+# Within an epoch: progress, checkpoints mid-epoch (--save-every), clean stops (SIGTERM, Ctrl-C).
 # ----------------------------------------------------------------------------------------
-
-
-class EpochSamples(torch.utils.data.Dataset):
-    """One process's share of one epoch of `dataset`: the samples in an order fixed by (seed,
-    epoch), process `rank` taking every `world_size`-th from position `first` on (a resumed epoch
-    skips what it has trained; every process gets as many, the remainder is dropped). Each sample
-    is augmented under a random seed of its own, fixed by (seed, epoch, position), and the
-    random state around it is left as it was: the batches are the same however many loading
-    workers make them, and an epoch resumed mid-way goes on with the batches it stopped before.
-    """
-
-    def __init__(self, dataset, seed: int, epoch: int, rank: int = 0, world_size: int = 1, first: int = 0):
-        generator = torch.Generator().manual_seed(seed * 1000 + epoch)
-        order = torch.randperm(len(dataset), generator=generator)
-        seeds = torch.randint(2**62, (len(dataset),), generator=generator)
-        end = len(dataset) // world_size * world_size
-        self.dataset = dataset
-        self.samples = list(zip(order[first + rank:end:world_size].tolist(), seeds[first + rank:end:world_size].tolist()))
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, position: int):
-        index, seed = self.samples[position]
-        python_state = random.getstate()
-        with torch.random.fork_rng(devices=[]):
-            random.seed(seed)
-            torch.manual_seed(seed)
-            try:
-                return self.dataset[index]
-            finally:
-                random.setstate(python_state)
 
 
 class Progress:
@@ -629,7 +554,8 @@ class Checkpoints:
         """After each optimizer step: if a stop was asked for, or --save-every minutes have passed,
         write checkpoint.pth at this step (`state()`: its content), then stop if asked."""
         self.at = (epoch, step)
-        due, stop = self.settle(self.args.save_every > 0 and time.monotonic() - self.last_saved >= 60 * self.args.save_every)
+        minutes = self.args.save_every
+        due, stop = self.settle(minutes > 0 and time.monotonic() - self.last_saved >= 60 * minutes)
         if due or stop:
             save_checkpoint(self.args, self.run, state(), self.best_ap, self.main_process, self.distributed)
             self.last_saved = time.monotonic()
@@ -668,28 +594,6 @@ class Checkpoints:
 # ----------------------------------------------------------------------------------------
 # Each epoch: a log line, curves.png and the checkpoints, written atomically.
 # ----------------------------------------------------------------------------------------
-
-
-def finite_loss(losses: dict, epoch: int, step: int, output_dir: Path) -> float:
-    """The step's loss as a number; a NaN or infinite one ends the run with one line (the last
-    checkpoint stays)."""
-    loss = losses["loss"].item()
-    if not math.isfinite(loss):
-        terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-        release_folders()
-        sys.exit(f"error: non-finite loss at epoch {epoch + 1}, step {step + 1}: {terms}; stopped, the "
-                 f"last good checkpoint is {output_dir / 'checkpoint.pth'} (try a lower --lr, and "
-                 f"python data.py check on the data)")
-    return loss
-
-
-def epoch_losses(sums: dict, steps: int, distributed: bool) -> dict:
-    """The epoch's mean of each loss term (averaged over the processes too), for the log."""
-    totals = torch.stack(list(sums.values())) / max(steps, 1)
-    if distributed:
-        dist.all_reduce(totals)
-        totals /= dist.get_world_size()
-    return {f"train_{k}": round(v, 5) for k, v in zip(sums, totals.tolist())}
 
 
 def save_epoch(args, run: Run, record: dict, state: dict, best_ap: float, main_process: bool,

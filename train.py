@@ -17,16 +17,19 @@ import argparse
 import contextlib
 import functools
 import math
+import random
+import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 import cdetr
 import data
 import runs
-from evaluate import coco_metrics, compiled, evaluation_batch_size, predict
+from evaluate import coco_evaluate, compiled, evaluation_batch_size
 
 
 def parse_args(argv=None):
@@ -40,7 +43,8 @@ def parse_args(argv=None):
     d.add_argument("--shapes-dir", help="where the built-in shapes dataset lives (default: data/shapes-64; "
                                         "data/shapes-mixed with --preset tiny-mixed)")
     d.add_argument("--subset", type=runs.positive_int, help="train on N training images only")
-    d.add_argument("--subset-seed", type=int, help="draw the --subset images at random with this seed (default: the first N)")
+    d.add_argument("--subset-seed", type=int,
+                   help="draw the --subset images at random with this seed (default: the first N)")
     d.add_argument("--skip-bad-images", action="store_true",
                    help="skip missing and unreadable images with a warning instead of stopping")
     m = p.add_argument_group("model and optimisation (defaults come from the preset)")
@@ -49,7 +53,8 @@ def parse_args(argv=None):
                         "trains the tiny model on the second built-in world, data/shapes-mixed (mixed image sizes, "
                         "padding in every batch, a 16 x 16 to 16 x 28 map)")
     m.add_argument("--decoder", choices=["conditional", "detr-offset", "detr"],
-                   help="conditional (the paper), or a DETR-style baseline: detr-offset keeps the reference point and the "
+                   help="conditional (the paper), or a DETR-style baseline: detr-offset keeps the reference point and "
+                        "the "
                         "offset regression of Eq. (1) (Table 4, 36.9 AP), detr drops them too")
     m.add_argument("--pretrained-backbone", action="store_true",
                    help=f"start the backbone from ImageNet weights (downloads once). The paper's presets "
@@ -78,26 +83,32 @@ def parse_args(argv=None):
                         "side so that few shapes occur (one compile each); no gain on a CPU, untimed on GPUs "
                         "(benchmarks/README.md)")
     r.add_argument("--num-workers", type=int, choices=range(0, 65), metavar="N",
-                   help="data-loading processes (default: 0 on a CPU, where they would compete with the model for cores; 4 on CUDA)")
+                   help="data-loading processes (default: 0 on a CPU, where they would compete with the model for "
+                        "cores; 4 on CUDA)")
     r.add_argument("--seed", type=int, default=42)
     r.add_argument("--output-dir", help="where log.jsonl, curves.png and the checkpoints go; must not hold a run "
                                         "already (default: runs/train, numbered if it exists; with --resume: the "
                                         "checkpoint's folder)")
     start = r.add_mutually_exclusive_group()
-    start.add_argument("--resume", help="checkpoint of train.py to continue from (its config wins over the flags above)")
+    start.add_argument("--resume",
+                       help="checkpoint of train.py to continue from (its config wins over the flags above)")
     start.add_argument("--init-from", metavar="SOURCE",
-                       help="start from these weights, fresh optimizer and schedule: a checkpoint of train.py, an official "
-                            f"or Hugging Face file, a model-zoo name ({', '.join(cdetr.PAPER_PRESETS)}) or a Hugging Face "
-                            "repo id. The architecture is the checkpoint's own config if it has one, else --preset; a class "
-                            "head of another size is re-created. Fine-tuning: a lower --lr, and --set train_backbone=none "
+                       help="start from these weights, fresh optimizer and schedule: a checkpoint of train.py, an "
+                            f"official or Hugging Face file, a model-zoo name ({', '.join(cdetr.PAPER_PRESETS)}) or a "
+                            "Hugging Face repo id. The architecture is the checkpoint's own config if it has one, else "
+                            "--preset; a class head of another size is re-created. Fine-tuning: a lower --lr, and "
+                            "--set train_backbone=none "
                             "to freeze the backbone")
-    r.add_argument("--eval-every", type=runs.positive_int, default=1, help="evaluate every N epochs (and after the last)")
+    r.add_argument("--eval-every", type=runs.positive_int, default=1,
+                   help="evaluate every N epochs (and after the last)")
     r.add_argument("--save-every", type=runs.minutes, default=30, metavar="MINUTES",
                    help="also write checkpoint.pth within an epoch once this many minutes have passed since the last "
                         "checkpoint (0: at epoch ends only; the built-in run's epochs are shorter). SIGTERM or Ctrl-C "
                         "saves at the current step and stops with status 143 or 130 (docs/coco-and-gpus.md)")
     args = p.parse_args(argv)
     args.given = runs.given_flags(p, argv, args)    # on --resume, the flags given win over the run's own
+    if args.num_workers is None:   # loading processes would compete with the model for a CPU's cores
+        args.num_workers = 0 if torch.device(args.device).type == "cpu" else 4
     return args
 
 
@@ -137,26 +148,45 @@ def forward_backward(model, criterion: cdetr.SetCriterion, batches: list, device
     return totals
 
 
+def epoch_means(sums: dict, steps: int, distributed: bool) -> dict:
+    """What log.jsonl records of an epoch's losses: each term's mean over its optimizer steps
+    (and over the processes), as "train_<term>"."""
+    totals = torch.stack(list(sums.values())) / max(steps, 1)
+    if distributed:
+        dist.all_reduce(totals)
+        totals /= dist.get_world_size()
+    return {f"train_{k}": round(v, 5) for k, v in zip(sums, totals.tolist())}
+
+
 def main(argv=None):
     args = parse_args(argv)
-    distributed, rank, world_size, device = runs.init_distributed(args)
+    distributed, rank, world_size, device = runs.init_distributed(args.device)   # torchrun: a process per GPU
     main_process = rank == 0
-    # --- the run: its folder, the file it resumes or starts from, its config (runs.py)
+    # --- the run: its folder; on --resume the checkpoint, whose flags stand in for those not given (runs.py)
     run = runs.open_run(args, main_process, distributed)
-    cfg, origin = runs.resolve_config(args, run)
+    args = data.with_dataset_paths(run.args)   # --coco-path's layout, the four paths, or a built-in world
+    # The config: the checkpoint's (--resume), else the --init-from weights', else the preset's (cdetr.PRESETS:
+    # tiny for the built-in data, r50 otherwise), then --lr, --epochs, ... and --set. The default run: the tiny
+    # model, batch 16, AdamW at lr 4e-4 (backbone too), weight decay 1e-4, clipping at 0.1, 10 epochs, lr / 10 after 8.
+    cfg, origin, args.preset = runs.resolve_config(args, run)
     if run.builtin_data and main_process:             # once every setting has been checked
         data.ensure_shapes_dataset(args.shapes_dir, data.WORLD_OF_PRESET.get(args.preset, "shapes-64"))
     if distributed:
         dist.barrier()
 
     # --- data: the paper's augmentation for training, one fixed resize for validation (data.py)
-    runs.seed_everything(args.seed + rank)
+    for seeded in (torch.manual_seed, random.seed, np.random.seed):   # the augmentations draw from all three
+        seeded(args.seed + rank)
     train_set = data.build_dataset(args.train_images, args.train_annotations, train=True, image_size=cfg.image_size,
                                    max_size=cfg.max_size, augment=cfg.augment, subset=args.subset,
                                    subset_seed=args.subset_seed, skip_bad_images=args.skip_bad_images)
     val_set = data.build_dataset(args.val_images, args.val_annotations, train=False, image_size=cfg.image_size,
                                  max_size=cfg.max_size, skip_bad_images=args.skip_bad_images)
-    cfg = runs.check_data(args, run, cfg, train_set, val_set, world_size, main_process)   # categories, class count
+    data.check_categories(train_set, val_set, args, run.checkpoint, run.pretrained, main_process)
+    data.check_one_batch(train_set, args.train_annotations, cfg.batch_size, world_size)
+    if not run.checkpoint and not any(s.startswith("num_classes=") for s in args.set):
+        cfg = replace(cfg, num_classes=train_set.num_classes)    # the class head: max category id + 1 logits
+    args.image_size = cfg.image_size                             # kept with the run's flags in checkpoint.pth
 
     # --- model, loss, optimizer: the official two learning rates, AdamW and a step decay
     model = cdetr.ConditionalDETR(cfg).to(device)
@@ -165,13 +195,10 @@ def main(argv=None):
     if run.pretrained:
         runs.load_init_weights(model, args, run, cfg, origin, main_process)
     criterion = cdetr.SetCriterion(cfg)
-    param_groups = [
-        {"params": [p for n, p in model.named_parameters() if not n.startswith("backbone.") and p.requires_grad]},
-        {"params": [p for n, p in model.named_parameters() if n.startswith("backbone.") and p.requires_grad],
-         "lr": cfg.lr_backbone},
-    ]
-    optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  fused=device.type in ("cpu", "cuda"))   # one kernel for all parameters
+    transformer = [p for n, p in model.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
+    backbone = [p for n, p in model.named_parameters() if n.startswith("backbone.") and p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": transformer}, {"params": backbone, "lr": cfg.lr_backbone}], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay, fused=device.type in ("cpu", "cuda"))   # one kernel
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_drop, gamma=0.1)
     start_epoch, best_ap, resumed = runs.restore(args, run, model, optimizer, scheduler, rank, world_size, main_process)
     trained_model = evaluated_model = model
@@ -180,40 +207,42 @@ def main(argv=None):
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:   # few batch shapes, so few compiles: every batch padded to a multiple of compile_padding
         trained_model, evaluated_model = compiled(trained_model), compiled(model)
-    collate = functools.partial(data.collate, pad_to=data.compile_padding(cfg.image_size, cfg.max_size) if args.compile else 0)
 
     if main_process:   # the folder can be written, the log trimmed on --resume; one line says what will run
         runs.start(args, run, model, cfg, origin, f"{len(train_set)} training / {len(val_set)} validation images",
                    world_size, device)
-    val_shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world_size))
-    on_gpu = device.type == "cuda"        # pinned host memory lets the copies to the GPU overlap the work
-    val_loader = torch.utils.data.DataLoader(val_shard, batch_size=evaluation_batch_size(cfg, cfg.batch_size * 2),
-                                             num_workers=args.num_workers, worker_init_fn=runs.loading_worker_signals,
-                                             collate_fn=collate, pin_memory=on_gpu)
+    pad_to = data.compile_padding(cfg.image_size, cfg.max_size) if args.compile else 0   # --compile: few shapes
+    on_gpu = device.type == "cuda"          # pinned host memory lets the copies to the GPU overlap the work
+    loading = dict(num_workers=args.num_workers, worker_init_fn=runs.loading_worker_signals, pin_memory=on_gpu,
+                   collate_fn=functools.partial(data.collate, pad_to=pad_to))
+    val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(val_set, range(rank, len(val_set), world_size)),
+                                             batch_size=evaluation_batch_size(cfg, cfg.batch_size * 2), **loading)
 
     def state(epoch: int, **mid_epoch) -> dict:   # what checkpoint.pth holds (mid_epoch: the step it stopped at)
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(),
-                "epoch": epoch, "config": asdict(cfg), "category_names": train_set.category_names, **mid_epoch}
+        return dict(model=model.state_dict(), optimizer=optimizer.state_dict(), lr_scheduler=scheduler.state_dict(),
+                    epoch=epoch, config=asdict(cfg), category_names=train_set.category_names, **mid_epoch)
 
     with runs.Checkpoints(args, run, best_ap, main_process, distributed, device) as checkpoints:   # SIGTERM, Ctrl-C
         for epoch in range(start_epoch, cfg.epochs):
-            # --- one epoch of training: the samples in an order fixed by (seed, epoch), each process
-            # a share, each sample augmented under a seed of its own (runs.EpochSamples), so that a
-            # resumed run, also one stopped mid-epoch, sees the batches of an uninterrupted one.
+            # --- one epoch of training: this process's share of the samples, in an order fixed by (seed, epoch),
+            # each augmented under a seed of its own (data.EpochShard): a resumed run sees an uninterrupted one's
             steps, seen, sums = resumed if epoch == start_epoch else (0, 0, {})   # seen: samples, all processes
-            samples = runs.EpochSamples(train_set, args.seed, epoch, rank, world_size, first=seen)
-            loader = torch.utils.data.DataLoader(samples, batch_size=cfg.batch_size, drop_last=True, collate_fn=collate,
-                                                 num_workers=args.num_workers, worker_init_fn=runs.loading_worker_signals,
-                                                 pin_memory=on_gpu, generator=torch.Generator())   # not the global one
+            shard = data.EpochShard(train_set, args.seed, epoch, rank, world_size, first=seen)
+            loader = torch.utils.data.DataLoader(shard, batch_size=cfg.batch_size, drop_last=True,
+                                                 generator=torch.Generator(), **loading)   # not the global generator
             trained_model.train()
-            start = time.time()
-            progress = runs.Progress(step_batches(loader, args.gradient_accumulation_steps), f"epoch {epoch + 1}/{cfg.epochs}",
-                                     steps, steps + math.ceil(len(loader) / args.gradient_accumulation_steps),
-                                     cfg.batch_size * args.gradient_accumulation_steps * world_size, main_process)
-            for batches in progress:   # a bar in a terminal, else a line a minute (a SLURM log)
+            start, n = time.time(), args.gradient_accumulation_steps   # a bar in a terminal, else a line a minute:
+            progress = runs.Progress(step_batches(loader, n), f"epoch {epoch + 1}/{cfg.epochs}", steps,
+                                     steps + math.ceil(len(loader) / n), cfg.batch_size * n * world_size, main_process)
+            for batches in progress:
                 optimizer.zero_grad(set_to_none=True)
                 losses = forward_backward(trained_model, criterion, batches, device, args.amp)
-                loss = runs.finite_loss(losses, epoch, steps, run.output_dir)   # NaN or inf: stop with one line
+                loss = losses["loss"].item()
+                if not math.isfinite(loss):   # NaN or inf: stop, naming every term; the last checkpoint stays
+                    terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+                    sys.exit(f"error: non-finite loss at epoch {epoch + 1}, step {steps + 1}: {terms}; stopped, the "
+                             f"last good checkpoint is {run.output_dir / 'checkpoint.pth'} (try a lower --lr, and "
+                             f"python data.py check on the data)")
                 if cfg.clip_max_norm > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_max_norm)
                 optimizer.step()
@@ -225,23 +254,16 @@ def main(argv=None):
                 checkpoints.after_step(lambda: state(epoch, step=steps, samples=seen, sums=sums), epoch, steps)
             scheduler.step()
             record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-                      **runs.epoch_losses(sums, steps, distributed), "epoch_time": round(time.time() - start, 1)}
+                      **epoch_means(sums, steps, distributed), "epoch_time": round(time.time() - start, 1)}
 
-            # --- evaluation: every process predicts its shard, the main process scores them all
+            # --- evaluation: every process predicts its shard, the main process scores them all (COCO AP)
             if (epoch + 1) % args.eval_every == 0 or epoch + 1 == cfg.epochs:
                 start = time.time()
-                if distributed:   # BatchNorm's running statistics differ per process: evaluate with the saved ones
-                    for buffer in model.buffers():
-                        dist.broadcast(buffer, src=0)
-                detections = predict(evaluated_model, val_loader, device, args.amp)
-                if distributed:
-                    gathered = [None] * world_size
-                    dist.all_gather_object(gathered, detections)
-                    detections = [d for part in gathered for d in part]
-                if main_process:
-                    print(f"epoch {epoch + 1}: validation")
-                    record.update(coco_metrics(val_set.coco, detections, val_set.ids))
-                    record["eval_time"] = round(time.time() - start, 1)
+                for buffer in model.buffers() if distributed else []:   # BatchNorm's statistics differ per process:
+                    dist.broadcast(buffer, src=0)                        # evaluate with the saved ones
+                metrics, _ = coco_evaluate(evaluated_model, val_loader, val_set, device, args.amp, distributed,
+                                           title=f"epoch {epoch + 1}: validation")
+                record.update(metrics, **({"eval_time": round(time.time() - start, 1)} if main_process else {}))
 
             # --- log.jsonl, curves.png, checkpoint.pth and best.pth (runs.py)
             checkpoints.save_epoch(record, state(epoch))

@@ -2,10 +2,12 @@
 
     python benchmarks/default_run.py                  # seed 42 (a few minutes on 2 cores)
     python benchmarks/default_run.py --seeds 42 1 2   # the three seeds the README's band is made of
+    python benchmarks/default_run.py --preset tiny-mixed   # python train.py --preset tiny-mixed: the second world
 
-Runs `python train.py --seed S` with no shapes data on disk, so that the timing holds what a
-fresh clone's first run does: data generation, start-up, training and every evaluation. Appends
-one line per run to benchmarks/results/default_run.jsonl: the seed, the commit and the machine
+Runs `python train.py --seed S` (with --preset tiny-mixed, `python train.py --preset tiny-mixed
+--seed S`) with no shapes data on disk, so that the timing holds what a fresh clone's first run
+does: data generation, start-up, training and every evaluation. Appends one line per run to
+benchmarks/results/default_run.jsonl (tiny_mixed_run.jsonl): the seed, the commit and the machine
 (CPU model, cores, torch's threads and version), the whole wall time, training steps per second,
 when the validation AP first reached 0.1 and 0.5 (epoch, optimizer steps, seconds), and
 train.py's own log of the run (one record per epoch). Run it on an otherwise idle machine: the
@@ -22,26 +24,30 @@ from convergence import train_run
 from recipe import machine, measure
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results" / "default_run.jsonl"
+RESULTS = {"tiny": HERE / "results" / "default_run.jsonl", "tiny-mixed": HERE / "results" / "tiny_mixed_run.jsonl"}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[42])
+    parser.add_argument("--preset", choices=list(RESULTS), default="tiny", help="the built-in world's preset")
     parser.add_argument("--runs-dir", default="runs/default_run", help="train.py's output folders and data go here")
-    parser.add_argument("--out", default=str(RESULTS), help="the jsonl to append to")
+    parser.add_argument("--out", help="the jsonl to append to (default: the preset's in benchmarks/results/)")
     args = parser.parse_args()
     runs_dir = HERE.parent / args.runs_dir
+    preset = [] if args.preset == "tiny" else ["--preset", args.preset]      # tiny: the command a new user runs
     for seed in args.seeds:
-        shapes, out = runs_dir / "shapes", runs_dir / f"seed{seed}"
+        name = "" if args.preset == "tiny" else f"{args.preset}-"
+        shapes, out = runs_dir / f"{name}shapes", runs_dir / f"{name}seed{seed}"
         shutil.rmtree(shapes, ignore_errors=True)         # generated again inside the timing
         began = time.time()
-        log = train_run(out, ["--shapes-dir", str(shapes), "--seed", str(seed)], 0, False, began)
+        log = train_run(out, [*preset, "--shapes-dir", str(shapes), "--seed", str(seed)], 0, False, began)
         row = {"seed": seed, **machine(), **measure(out, log, time.time() - began), "log": log}
-        with open(args.out, "a") as f:
+        with open(args.out or RESULTS[args.preset], "a") as f:
             f.write(json.dumps(row) + "\n")
         print(f"seed {seed}: {row['wall_seconds']} s, last AP {row['last_AP']}, AP 0.5 at "
-              f"{row['to_0.5'] and row['to_0.5']['seconds']} s; appended to {args.out}", flush=True)
+              f"{row['to_0.5'] and row['to_0.5']['seconds']} s; appended to {args.out or RESULTS[args.preset]}",
+              flush=True)
 
 
 if __name__ == "__main__":

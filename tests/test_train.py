@@ -292,12 +292,12 @@ TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2")
 EVALUATION_PROBE = """
 import os, shutil, sys, torch
 sys.path.insert(0, {root!r})
-import data, runs, train
-predict = train.predict
+import data, evaluate, runs, train
+predict = evaluate.predict
 def recording_predict(model, *args):
     torch.save(model.state_dict(), os.path.join({out!r}, "evaluated_by_rank" + os.environ["RANK"] + ".pt"))
     return predict(model, *args)
-train.predict = recording_predict
+evaluate.predict = recording_predict
 save_epoch = runs.save_epoch
 def keeping_epoch_1(args, run, record, *rest):
     best = save_epoch(args, run, record, *rest)

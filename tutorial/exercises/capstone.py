@@ -53,13 +53,16 @@ def use_student_code(m):
     reference_model = cdetr.ConditionalDETR
 
     class StudentLayer(m.DecoderLayer):
-        """The student's layer behind cdetr.DecoderLayer's call signature."""
+        """The student's layer behind cdetr.DecoderLayer's two halves (Decoder.forward forms p_q between them)."""
 
         def __init__(self, cfg: cdetr.Config, is_first: bool):
             super().__init__(cfg.hidden_dim, cfg.nheads, cfg.dim_feedforward, is_first)
 
-        def forward(self, tgt, memory, key_pos, key_padding_mask, query_pos, spatial_query, return_attention=False):
-            return super().forward(tgt, memory, key_pos, query_pos, spatial_query(tgt), key_padding_mask), None
+        def self_attention(self, tgt, query_pos):
+            return tgt               # the student's layer attends itself, in cross_attention below
+
+        def cross_attention(self, tgt, memory, key_pos, key_padding_mask, query_pos, p_q, return_attention=False):
+            return super().forward(tgt, memory, key_pos, query_pos, p_q, key_padding_mask), None
 
     class ModelWithStudentLayers(reference_model):
         """cdetr's model, initialised as usual, then each decoder layer replaced by the

@@ -267,7 +267,7 @@ def decoder_layer_cases(draw: int = 0) -> tuple[list, list, list]:
                 "weights": weights, "inputs": inputs, "mask": mask}
         leaves = {name: check.leaf(x) for name, x in zip(check.DECODER_LAYER_INPUTS, inputs)}
         tgt, memory, key_pos, query_pos, p_q = leaves.values()
-        out, _ = layer(tgt, memory, key_pos, mask, query_pos, lambda c_q: p_q)
+        out, _ = layer(tgt, memory, key_pos, mask, query_pos, p_q)
         parameters = dict(layer.named_parameters())
         named = {f"parameter {name}": parameters[name if name in parameters else f"ffn.{name}"]
                  for name in weights if name in parameters or f"ffn.{name}" in parameters}
