@@ -11,7 +11,7 @@ benchmarks/results/default_run.jsonl (tiny_mixed_run.jsonl): the seed, the commi
 (CPU model, cores, torch's threads and version), the whole wall time, training steps per second,
 when the validation AP first reached 0.1 and 0.5 (epoch, optimizer steps, seconds), and
 train.py's own log of the run (one record per epoch). Run it on an otherwise idle machine: the
-times are this machine's, and machines of one kind differ by up to 4x.
+times are this machine's, and machines of one kind differ in speed (1.6x between two recorded here).
 """
 
 import argparse

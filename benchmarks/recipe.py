@@ -55,7 +55,7 @@ LEVELS = (0.1, 0.5)
 
 def machine() -> dict:
     """The CPU model, its cores, which of AVX-512, AVX512-BF16 and AMX it has (machines of one
-    model name differ in them, and in speed by up to 4x), torch's threads and version, and the
+    model name differ in them, and in speed), torch's threads and version, and the
     commit measured, "+changes" when tracked files differ from it (also kept in each row)."""
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
     model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
