@@ -280,6 +280,7 @@ NAMED_MISTAKES = {
     "4 conditional spatial query": "λ_q in the first layer too", "5a one head of cross-attention": "the scale 1/√hd",
     "5b all heads": "the padding ignored", "6 box from the reference point": "added after the sigmoid",
     "9 post-processing": "boxes left normalized", "10 boxes under flip and resize": "corners left in place",
+    "12 a conditional decoder layer": "the first layer treated as a later one",
 }
 UPSTREAM = {"3 reference point embedding": "it may call 2, not correct yet: fix that first",
             "5b all heads": "it may call 5a, not correct yet: fix that first", "7b Hungarian matching": "1a, 1b, 7a",

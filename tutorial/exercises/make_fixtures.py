@@ -14,6 +14,7 @@ check.py's run function takes (check.projected_gradient), computed through cdetr
 very same run function (REFERENCE). Committed; rerun it only when an exercise changes.
 """
 
+import copy
 import json
 import math
 import sys
@@ -274,8 +275,19 @@ def decoder_layer_cases(draw: int = 0) -> tuple[list, list, list]:
         answer = check.plain(check.with_gradient(out, [out], {**leaves, **named}))
         cases.append(case)
         expected.append(answer)
-        mistakes.append([("p_q detached (no gradient reaches the spatial query)",
-                          {"gradient": {"p_q": torch.zeros_like(answer["gradient"]["p_q"])}})])
+        known = [("p_q detached (no gradient reaches the spatial query)",
+                  {"gradient": {"p_q": torch.zeros_like(answer["gradient"]["p_q"])}})]
+        with torch.no_grad():
+            wrong = copy.deepcopy(layer)           # the case's weights are the layer's own tensors: keep them
+            if is_first:
+                wrong.is_first = False
+                known.append(("the first layer treated as a later one (§3.5: there o_q's projection joins c_q, and "
+                              "p_k joins c_k)", {"value": wrong(tgt, memory, key_pos, mask, query_pos, p_q)[0]}))
+                wrong.is_first = True
+            wrong.sa_kpos_proj.weight.zero_(), wrong.sa_kpos_proj.bias.zero_()
+            known.append(("the self-attention's keys without o_q's projection (sa_kpos_proj)",
+                          {"value": wrong(tgt, memory, key_pos, mask, query_pos, p_q)[0]}))
+        mistakes.append(known)
     return cases, expected, mistakes
 
 
@@ -306,7 +318,9 @@ def make(seed: int = 0) -> tuple[dict, dict]:
         as_value([[(swapped, {"box_cxcywh_to_xyxy": box_convert(b[..., [2, 3, 0, 1]], "cxcywh", "xyxy")}),
                    (swapped, {"box_xyxy_to_cxcywh": box_convert(b, "xyxy", "cxcywh")[..., [2, 3, 0, 1]]}),
                    ("the width and height not halved (x0 = cx - w / 2)",
-                    {"box_cxcywh_to_xyxy": torch.cat([b[..., :2] - b[..., 2:], b[..., :2] + b[..., 2:]], -1)})]
+                    {"box_cxcywh_to_xyxy": torch.cat([b[..., :2] - b[..., 2:], b[..., :2] + b[..., 2:]], -1)}),
+                   ("the centre as x0 + x1 / 2 (the precedence: it is (x0 + x1) / 2)",
+                    {"box_xyxy_to_cxcywh": torch.cat([b[..., :2] + b[..., 2:] / 2, b[..., 2:] - b[..., :2]], -1)})]
                   for b in boxes]))
 
     g = torch.Generator().manual_seed(draw + 2)
@@ -433,6 +447,8 @@ def make(seed: int = 0) -> tuple[dict, dict]:
     add("7a focal matching cost", focal, answers("7a focal matching cost", focal),
         as_value([[("α and 1 - α swapped (α weighs the positive term)",
                     cdetr.focal_class_cost(c["logits"], c["labels"], 1 - c["kwargs"]["alpha"], c["kwargs"]["gamma"])),
+                   ("α on both terms (the negative term is weighed by 1 - α)",
+                    focal_alpha_on_both(c["logits"], c["labels"], **c["kwargs"])),
                    ("softmax probabilities, where the focal cost takes each class's own sigmoid",
                     cdetr.focal_class_cost(torch.logit(c["logits"].softmax(-1)), c["labels"], **c["kwargs"]))]
                   for c in focal]))
@@ -500,6 +516,12 @@ def make(seed: int = 0) -> tuple[dict, dict]:
     assert list(cases) == list(check.EXERCISES), "make_fixtures.py and check.EXERCISES name different exercises"
     expected[check.KNOWN_MISTAKES] = known
     return cases, expected
+
+
+def focal_alpha_on_both(logits, labels, alpha: float, gamma: float) -> torch.Tensor:
+    """focal_class_cost with α weighing the negative term too: a known mistake of exercise 7a."""
+    p = logits.sigmoid()[:, labels]
+    return alpha * ((1 - p) ** gamma * -(p + 1e-8).log() - p ** gamma * -(1 - p + 1e-8).log())
 
 
 def l1_mean_losses(outputs, targets, cfg: cdetr.Config) -> dict:

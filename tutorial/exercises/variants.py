@@ -41,6 +41,13 @@ MISTAKES = {
     "padding ignored": ("5a", [("if key_padding_mask is not None:\n        logits = logits.masked_fill(",
                                 "if False:\n        logits = logits.masked_fill(")]),
     "lambda_q in the first layer too": ("4", [("    if layer == 0:\n        return p_s\n", "")]),
+    "the first layer treated as a later one": ("12", [("        if self.is_first:\n            c_q = c_q + ",
+                                                        "        if False:\n            c_q = c_q + ")]),
+    "the self-attention's keys without o_q": ("12", [("k = self.sa_kcontent_proj(tgt) + self.sa_kpos_proj(query_pos)",
+                                                      "k = self.sa_kcontent_proj(tgt)")]),
+    "alpha on both focal terms": ("7a", [("negative = (1 - alpha) * p ** gamma", "negative = alpha * p ** gamma")]),
+    "the centre by precedence": ("1a", [("return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)",
+                                         "return torch.stack([x0 + x1 / 2, y0 + y1 / 2, x1 - x0, y1 - y0], dim=-1)")]),
 }
 
 # name: [(solutions.py's text, the text that replaces it)]: right answers written otherwise
