@@ -127,7 +127,7 @@ class Config:
 PRESETS = {
     # [ours] trains from scratch on the built-in 64 px shapes data in minutes on a 2-core CPU: a
     # ResNet-18 cut at stride 8 (an 8 x 8 map), one encoder layer, 12 queries, no dropout, flips
-    # as the only augmentation, batch 16 at a doubled lr, lr / 10 for the last 2 of 10 epochs.
+    # as the only augmentation, batch 16 at lr 4e-4, lr / 10 for the last 2 of 10 epochs.
     # What the main changes bought, measured: benchmarks/README.md, "How the default run became
     # 5.8 times faster".
     "tiny": (tiny := dict(backbone="resnet18", backbone_stages=2, train_backbone="all", frozen_batchnorm=False,
@@ -145,7 +145,8 @@ PRESETS = {
 }
 # [ours] The images per optimizer step each preset's lr was set for: the official scripts train the
 # paper's models on 8 GPUs x 2 images (DC5: 8 x 1); tiny's is its batch of 16 on one process.
-# train.py says so at start-up when a run's step holds another number.
+# train.py says so at start-up when a run's step holds another number (not for --init-from: a
+# fine-tuning chooses its own step).
 RECIPE_IMAGES_PER_STEP = {"tiny": 16, "tiny-mixed": 16, "r50": 16, "r50-dc5": 8, "r101": 16, "r101-dc5": 8}
 # The paper's models: a new run of one starts from ImageNet weights; each has official COCO weights.
 PAPER_PRESETS = ("r50", "r50-dc5", "r101", "r101-dc5")
@@ -352,9 +353,10 @@ class DecoderLayer(nn.Module):
     (the object query, in every layer) and k = c_k + p_k; no concatenation. With "detr-offset"
     the boxes are still regressed from the predicted reference point (Eq. (1), see Decoder):
     Table 4's "focal loss and 300 queries + offset regression" row (36.9 AP), the paper's model
-    without its conditional spatial query. With "detr" there is no reference point either: one of
-    Table 4's single-component rows (the text leaves open which). Unlike the original DETR,
-    content and position have separate projections (W_c c + W_p p rather than W (c + p)),
+    without its conditional spatial query. With "detr" there is no reference point either:
+    Table 4's "focal loss and 300 queries" row (35.0 or 35.3 AP; the text does not settle which
+    of its two single-component rows is which). Unlike the original DETR, content and position
+    have separate projections (W_c c + W_p p rather than W (c + p)),
     which can only represent more. The decoder's projection names follow the official code;
     the attention output projections (sa_out_proj, ca_out_proj), the FFN (ffn.linear1/2), the
     encoder's q/k/v and backbone.body differ, which convert_official_state_dict maps.

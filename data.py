@@ -568,10 +568,10 @@ def with_dataset_paths(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def check_categories(train_set, val_set, args, checkpoint: dict | None, pretrained, main_process: bool):
-    """train.py's start-up check: the training file, the validation file and the weights the run
-    resumes (`checkpoint`) or starts from (`pretrained`, a cdetr.Pretrained) mean the same by each
-    category id. A disagreement is a DatasetError, except for --init-from weights whose class head
-    is kept (the data has as many classes): a warning then."""
+    """train.py's start-up check: the training file and the validation file mean the same by each
+    category id (else a DatasetError), and so do the weights the run resumes (`checkpoint`: else a
+    DatasetError) or starts from (`pretrained`, a cdetr.Pretrained: a warning where their class
+    head is kept, the data having as many classes; nothing where a new head is made)."""
     require_same_categories(train_set.category_names, args.train_annotations, val_set.category_names,
                             args.val_annotations)
     stored = (checkpoint and {int(k): v for k, v in checkpoint.get("category_names", {}).items()}) or (

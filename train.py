@@ -69,8 +69,8 @@ def parse_args(argv=None):
     m.add_argument("--lr-backbone", type=float, help="learning rate of the backbone")
     m.add_argument("--image-size", type=runs.positive_int, help="validation shorter side; training sizes scale with it")
     m.add_argument("--max-size", type=runs.positive_int,
-                   help="longer side at most this many pixels, in training and validation (default: 1333 x "
-                        "image size / 800, the recipe's 1333); lower it to cut memory")
+                   help="longer side at most this many pixels, in training and validation (default: the preset's, "
+                        "else 1333 x image size / 800, the recipe's 1333); lower it to cut memory")
     m.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="override any cdetr.Config field, e.g. --set hidden_dim=128 dec_layers=3")
     r = p.add_argument_group("running")
@@ -95,8 +95,8 @@ def parse_args(argv=None):
     start.add_argument("--init-from", metavar="SOURCE",
                        help="start from these weights, fresh optimizer and schedule: a checkpoint of train.py, an "
                             f"official or Hugging Face file, a model-zoo name ({', '.join(cdetr.PAPER_PRESETS)}) or a "
-                            "Hugging Face repo id. The architecture is the checkpoint's own config if it has one, else "
-                            "--preset; a class head of another size is re-created. Fine-tuning: a lower --lr, and "
+                            "Hugging Face repo id. The architecture is the checkpoint's own config if it has one and no "
+                            "--preset is given, else --preset; a class head of another size is re-created. Fine-tuning: a lower --lr, and "
                             "--set train_backbone=none "
                             "to freeze the backbone")
     r.add_argument("--eval-every", type=runs.positive_int, default=1,
@@ -175,7 +175,7 @@ def main(argv=None):
         dist.barrier()
 
     # --- data: the paper's augmentation for training, one fixed resize for validation (data.py)
-    for seeded in (torch.manual_seed, random.seed, np.random.seed):   # the augmentations draw from all three
+    for seeded in (torch.manual_seed, random.seed, np.random.seed):   # the initial weights: what EpochShard does not seed
         seeded(args.seed + rank)
     train_set = data.build_dataset(args.train_images, args.train_annotations, train=True, image_size=cfg.image_size,
                                    max_size=cfg.max_size, augment=cfg.augment, subset=args.subset,

@@ -143,6 +143,13 @@ def test_the_ablation_and_fine_tuning_sentences_are_the_committed_runs():
     two = lambda name: " and ".join(f"{ap:.3f}" for ap in final[name])  # noqa: E731
     assert f"all far above T = identity (CSQ-P: {two('csq-p')})" in text
     assert f"here they end at {two('learned')}, against {two('csq')}" in text
+    transforms = [ap for name in ("scalar", "block", "full", "csq") for ap in final[name]]
+    gaps = [diagonal - identity for diagonal, identity in zip(final["csq"], final["csq-p"])]
+    spreads = {name: abs(a - b) for name, (a, b) in final.items()}
+    widest = max(spreads, key=spreads.get)
+    assert f"all end between {min(transforms):.3f} and {max(transforms):.3f}, inside one" in text
+    assert (f"a gap of {gaps[0]:.3f} and {gaps[1]:.3f} (seeds 42 and 1), larger than any row's seed spread (at most "
+            f"{spreads[widest]:.3f}, CSQ-P's own)") in text and widest == "csq-p" and min(gaps) > spreads[widest]
     seed_42 = next(run for run in log("default_run.jsonl") if run["seed"] == 42)
     assert (f"the first row's seed 42 ends at {final['csq'][0]:.3f}, not the default run's "
             f"{seed_42['log'][-1]['AP']:.3f}") in text

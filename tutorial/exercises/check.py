@@ -17,7 +17,8 @@ fixed random projection of the output, with respect to the inputs and the module
 
 How it grades, and why it cannot be fooled by the usual tricks:
   * The inputs (cases.pt) and the answers (expected.pt) were computed once by make_fixtures.py
-    from solutions.py and cdetr.py; grading needs neither of those files.
+    from cdetr.py's code (solutions.py then had to score full marks on them); grading needs
+    neither of those files.
   * The answers are read by this process only. The student's file runs in a separate worker
     process that is given the inputs only (forked from a forkserver that has imported torch,
     numpy, scipy and pycocotools: nothing of this repository's is in it, and each worker starts
