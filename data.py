@@ -702,7 +702,7 @@ SHAPES = ("rectangle", "ellipse", "triangle")     # category ids 1, 2, 3
 COLOURS = {10: ("red", (220, 40, 40)), 20: ("green", (40, 170, 60)), 30: ("blue", (40, 70, 220)),
            40: ("yellow", (235, 215, 40))}
 # The built-in worlds, drawn on first use into data/<name> (make_shapes_dataset's settings).
-# shapes-64: every image 64 x 64, the five-minute default run's (preset tiny: an 8 x 8 map).
+# shapes-64: every image 64 x 64, the default run's (preset tiny: an 8 x 8 map).
 # shapes-mixed: landscape images, the height 128 to 160 px and the width 1 to 1.75 times it,
 # so every batch holds padding (to its widest image); at preset tiny-mixed's 128 px the map is
 # 16 x 16 to 16 x 28 cells, and an object (16 to 64 px) spans about 2 to 8 of them, so a head can

@@ -268,6 +268,7 @@ def main(argv=None):
             # --- log.jsonl, curves.png, checkpoint.pth and best.pth (runs.py)
             checkpoints.save_epoch(record, state(epoch))
     runs.finish(run, checkpoints.best_ap, main_process, distributed)
+    return run.output_dir     # the folder it wrote (another if a run started beside it asked for the same)
 
 
 if __name__ == "__main__":

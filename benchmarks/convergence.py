@@ -267,8 +267,12 @@ def markdown_table(rows: list[dict]) -> str:
         top = f"{'>' if cell['high_bound'] else ''}{cell['high']:.1f}"
         return f"{more}{cell['median']:.1f}x ({cell['low']:.1f} to {top})"
 
-    lines = ["| feature map (keys) | AP | conditional, per seed (median) | " +
-             " | ".join(f"{NAMES[d]}, per seed (median) | ratio (range)" for d in BASELINES) + " |",
+    def seeds(decoder: str) -> str:
+        cell = next((row[decoder] for row in rows if decoder in row), None)
+        return ", ".join(map(str, cell["seeds"])) if cell else "none"
+
+    lines = ["| feature map (keys) | AP | " + " | ".join(
+        f"{NAMES[d]}, seeds {seeds(d)} (median)" + (" | ratio (range)" if d in BASELINES else "") for d in DECODERS) + " |",
              "| --- | --- | --- | " + " | ".join("--- | ---" for _ in BASELINES) + " |"]
     for row in rows:
         h, w = row["feature_map"]

@@ -3,7 +3,6 @@ it comes from (benchmarks/results/, the shipped checkpoints), so the two cannot 
 
 import json
 import re
-import statistics
 import sys
 from pathlib import Path
 
@@ -92,37 +91,45 @@ def test_the_recipe_table_and_its_sentences_are_the_committed_result():
     assert f"({seed42['flips only']['last_AP']:.4f} against {new['last_AP']:.4f} with seed 42)" in text
 
 
-def test_the_convergence_table_and_its_sentences_are_the_committed_result():
-    from convergence import markdown_table
-    result = json.loads((RESULTS / "convergence.json").read_text())
-    assert markdown_table(result) in BENCHMARKS
-    text = prose(BENCHMARKS)
-    seconds = {decoder: [seconds[str(s)] for s in result["seeds"][decoder]]
-               for decoder, seconds in result["run_seconds"].items()}
-    assert (f"took {listing(seconds['conditional'])} s (the conditional seeds), {listing(seconds['detr-offset'])} s "
-            f"(the offset baseline) and {listing(seconds['detr'])} s (the DETR-style baseline)") in text
-    assert f"{sum(map(sum, seconds.values())) / 60:.0f} minutes in all" in text
-    # the ratios the text states: their range over the AP levels a baseline reached
-    for baseline, words in (("detr-offset", "epochs than the offset baseline"), ("detr", "than the DETR-style")):
-        ratios = [row["ratio"][baseline] for row in result["ap_table"] if not row["ratio_bound"][baseline]]
-        assert f"{min(ratios):.1f} to {max(ratios):.1f} times fewer {words}" in text
+def convergence_sentences() -> list[str]:
+    """The sentences of benchmarks/README.md's convergence section that carry numbers, made from
+    results/convergence_scale.json by convergence.py's own analysis (print them to write the
+    section: `python -c "import tests.test_readme as t; print(*t.convergence_sentences(), sep='\\n')"`)."""
+    from convergence import BUDGET_FACTOR, CONDITIONAL_EPOCHS, LEVELS, analyse
+    result = json.loads((RESULTS / "convergence_scale.json").read_text())
+    records, last = result["runs"], LEVELS[-1]
+    rows = [row for row in analyse(records) if row["level"] == last]
+    maps = listing(f"{h} x {w}" for h, w in (row["feature_map"] for row in rows))
+    median = lambda cell: f"{'more than ' if cell['bound'] else ''}{cell['median']:g}"  # noqa: E731
+    times = lambda cell: f"{'more than ' if cell['bound'] else ''}{cell['median']:.1f}"  # noqa: E731
+    commits = sorted({r["commit"] for r in records})
+    hours = sum(r["seconds"] for r in records) / 3600
+    protocol = result["protocol"]
+    assert protocol["levels"] == list(LEVELS) and protocol["budget_factor"] == BUDGET_FACTOR
+    assert protocol["conditional_epochs"] == CONDITIONAL_EPOCHS and {r["threads"] for r in records} == {1}
+    return [
+        f"the conditional decoder reaches AP {last:g} in a median of {listing(median(r['conditional']) for r in rows)} "
+        f"epochs on the {maps} maps, the offset baseline in {listing(median(r['detr-offset']) for r in rows)} and the "
+        f"DETR-style one in {listing(median(r['detr']) for r in rows)}",
+        f"the offset baseline needs {listing(times(r['ratio']['detr-offset']) for r in rows)} times the conditional "
+        f"decoder's epochs and the DETR-style one {listing(times(r['ratio']['detr']) for r in rows)} times",
+        f"a baseline that has not reached it after {BUDGET_FACTOR} times the conditional median",
+        f"The {len(records)} runs took {hours:.1f} hours of training and evaluation, one thread each and two at a "
+        f"time, on a {machine_words(protocol['machine'])}), at commit {listing(commits)}",
+    ]
 
 
-def test_the_baselines_sentences_are_the_committed_runs():
-    result = json.loads((RESULTS / "convergence.json").read_text())
+def test_the_convergence_table_figure_and_sentences_are_the_committed_runs():
+    from convergence import IMAGE_SIZES, SEEDS, analyse, markdown_table
+    records = json.loads((RESULTS / "convergence_scale.json").read_text())["runs"]
+    assert markdown_table(analyse(records)) in BENCHMARKS
+    assert sorted((r["image_size"], r["decoder"], r["seed"]) for r in records) == sorted(
+        (size, decoder, seed) for size in IMAGE_SIZES for decoder, seeds in SEEDS.items() for seed in seeds)
     text = prose(BENCHMARKS)
-    curves = {decoder: [[r["AP"] for r in runs[str(s)]] for s in result["seeds"][decoder]]
-              for decoder, runs in result["runs"].items()}
-    leaves = {decoder: listing(next(e for e, ap in enumerate(c, 1) if ap >= 0.01) for c in curves[decoder])
-              for decoder in ("detr-offset", "detr")}
-    assert f"the offset baseline reaches AP 0.01 at epochs {leaves['detr-offset']} (seeds 42 and 1)" in text
-    assert f"the DETR-style one at epochs {leaves['detr']}." in text
-    ten = {decoder: listing(f"{c[9]:.3f}" for c in curves[decoder]) for decoder in curves}
-    assert (f"After the same 10 epochs the conditional seeds are at AP {ten['conditional']}, the offset baseline at "
-            f"{ten['detr-offset']}, the DETR-style one at {ten['detr']}.") in text
-    last = listing(f"{c[-1]:.3f}" for c in curves["detr-offset"])
-    assert f"Given {len(curves['detr-offset'][0])} epochs, the offset baseline ends at AP {last}" in text
-    assert result["seeds"]["detr-offset"] == [42, 1] and len(curves["conditional"][0]) == 10
+    for sentence in convergence_sentences():
+        assert sentence in text, sentence
+    assert "![" in BENCHMARKS and "(results/convergence_scale.png)" in BENCHMARKS
+    assert (RESULTS / "convergence_scale.png").stat().st_size > 10_000
 
 
 def test_the_ablation_table_is_the_committed_result():
@@ -232,7 +239,7 @@ def test_the_shipped_checkpoints_are_what_the_tutorial_says():
     assert f"`--decoder detr` ({detr['epoch'] + 1} epochs, AP {detr['metrics']['AP']:.3f}:" in text
 
 
-@pytest.mark.parametrize("name", ["default_run.jsonl", "recipe.json", "convergence.json",
+@pytest.mark.parametrize("name", ["default_run.jsonl", "recipe.json", "convergence_scale.json",
                                   "ablations.json", "speed.json", "finetune.json", "memory.json",
                                   "memory_max_size_1000.json", "speed_tiny_cold_compile.json"])
 def test_every_result_file_the_benchmarks_name_exists(name):

@@ -59,6 +59,8 @@ def test_exercise_notebook_runs_every_check_and_reports_what_is_missing(executed
     notebook, _ = result(executed, "exercises/exercises.ipynb")
     text = printed(notebook)
     assert text.count(" not implemented yet: ") == 2 * 15 and "score: 0/26 points (0 of 15 exercises correct)" in text
+    # what a student sees before running it: the saved outputs are today's docstrings and checks
+    assert printed(nbformat.read(TUTORIAL / "exercises" / "exercises.ipynb", as_version=4)) == text
 
 
 @pytest.mark.parametrize("name, min_images", [("01_detect", 1), ("02_anatomy", 3), ("03_conditional_attention", 5),

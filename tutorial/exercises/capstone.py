@@ -158,9 +158,9 @@ def main() -> int:
         sys.modules[path.stem] = module          # where inspect finds a class's source
         spec.loader.exec_module(module)
         use_student_code(module)
-    out = runs.unused_dir(ROOT / "runs" / f"capstone-{name}")
-    try:
-        train.main([*TRAIN_ARGS, "--shapes-dir", str(ROOT / "data" / "shapes-64"), "--output-dir", str(out)])
+    try:   # train.py claims the folder, or the next free one if a capstone started beside this one took it
+        out = train.main([*TRAIN_ARGS, "--shapes-dir", str(ROOT / "data" / "shapes-64"),
+                          "--output-dir", str(runs.unused_dir(ROOT / "runs" / f"capstone-{name}"))])
     except NotImplementedError as e:     # an exercise not written yet: one line naming it, not a traceback
         raise cdetr.InputError(f"{unwritten(e, module, path)} is not implemented yet: finish every exercise, and "
                                f"check them with python check.py, before the capstone") from None
