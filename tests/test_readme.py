@@ -235,8 +235,16 @@ def test_the_shipped_checkpoints_are_what_the_tutorial_says():
     text = prose((ROOT / "tutorial" / "README.md").read_text())
     shipped = torch.load(ROOT / "tutorial" / "tiny_shapes.pth", weights_only=True)
     assert f"AP {shipped['metrics']['AP']:.3f} on the shapes validation set after {shipped['epoch'] + 1} epochs" in text
-    detr = torch.load(ROOT / "tutorial" / "tiny_shapes_detr.pth", weights_only=True)
-    assert f"`--decoder detr` ({detr['epoch'] + 1} epochs, AP {detr['metrics']['AP']:.3f}:" in text
+    mixed = {name: torch.load(ROOT / "tutorial" / f"{name}.pth", weights_only=True)
+             for name in ("tiny_mixed", "tiny_mixed_detr_12", "tiny_mixed_detr_40")}
+    assert all(m["config"]["decoder"] == d for m, d in zip(mixed.values(), ("conditional", "detr", "detr")))
+    ap = {name: f"{m['metrics']['AP']:.3f}" for name, m in mixed.items()}
+    epochs = {name: m["epoch"] + 1 for name, m in mixed.items()}
+    assert (f"the conditional decoder after its preset's {epochs['tiny_mixed']} epochs (AP {ap['tiny_mixed']} on "
+            f"that world's validation set)") in text
+    assert f"after the same {epochs['tiny_mixed_detr_12']} epochs with no lr drop (AP {ap['tiny_mixed_detr_12']}:" in text
+    assert f"the same run after {epochs['tiny_mixed_detr_40']} epochs (AP {ap['tiny_mixed_detr_40']})" in text
+    assert mixed["tiny_mixed_detr_12"]["config"]["lr_drop"] > 40 and epochs["tiny_mixed"] == 12
 
 
 @pytest.mark.parametrize("name", ["default_run.jsonl", "recipe.json", "convergence_scale.json",

@@ -3,6 +3,7 @@ executed once, side by side (each in its own kernel), and the tests read what th
 drew."""
 
 import re
+from collections import Counter
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -88,18 +89,62 @@ def test_every_question_has_an_answer_to_fold_open(name):
             "</details>"), cell[:200]
 
 
+PLACES = ("left end", "right end", "top", "bottom", "inside", "outside")
+AT = {"left end": "at its left end", "right end": "at its right end", "top": "at its top", "bottom": "at its bottom",
+      "inside": "inside it", "outside": "outside it"}
+
+
+def listing(items) -> str:
+    items = list(items)
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
 def test_lesson_3_says_what_it_prints(executed):
-    """The numbers in lesson 3's text are the ones its cells print: each checkpoint's AP and how
-    concentrated each decoder's spatial maps are, layer by layer."""
+    """The numbers in lesson 3's text are the ones its cells print: each checkpoint's AP, where
+    each head of Figure 1's three rows peaks, the count over 20 images against random cells, and
+    how concentrated each model's maps are, layer by layer; each comparison the text makes holds."""
     notebook, _ = result(executed, "03_conditional_attention.ipynb")
     text = " ".join(" ".join(cell.source for cell in notebook.cells if cell.cell_type == "markdown").split())
     out = printed(notebook)
-    ap = dict(re.findall(r"(tiny_shapes\S*\.pth): 10 epochs, validation AP (\S+)", out))
-    assert f"AP {ap['tiny_shapes_detr.pth']} on the validation set, against the conditional model's " \
-           f"{ap['tiny_shapes.pth']} after the same 10 epochs" in text
-    peaks = {name: values.split() for name, values in
-             re.findall(r"(conditional|DETR-style): spatial maps' peak weight, mean over the heads, layers 1 to 3: (.*)", out)}
-    first, second, third = peaks["conditional"]
-    assert f"puts on average {second} of its weight on its brightest cell in layer 2 and {third} in layer 3" in text
-    assert f"it is broader ({first})" in text
-    assert len(set(peaks["DETR-style"])) == 1 and f"stay broad in every layer ({peaks['DETR-style'][0]})" in text
+    ap = dict(re.findall(r"(tiny_mixed\S*\.pth), decoder \S+, \d+ epochs, validation AP (\S+)", out))
+    assert (f"After 12 epochs it has AP {ap['tiny_mixed_detr_12.pth']} (the conditional model {ap['tiny_mixed.pth']} "
+            f"after the same 12); after 40, {ap['tiny_mixed_detr_40.pth']}.") in text
+    cells, uniform = re.search(r"uniform over the (\d+) cells of this image: (\S+)", out).groups()
+    assert f"({uniform} for a uniform map over its {cells} cells)" in text
+    rows = [re.findall(r"(\d+) ([a-z ]+?) (\d\.\d\d)", line)
+            for line in re.findall(r"where each head peaks \(the weight there\): (.*)", out)]
+    assert len(rows) == 3 and all(len(row) == 8 for row in rows)
+    for name, row in zip(("Row 1", "Row 2", "Row 3"), rows):
+        places = Counter(place for _, place, _ in row)
+        weights = [float(w) for _, _, w in row]
+        assert (f"{name}: " + listing(f"{places[p]} {AT[p]}" for p in PLACES if places[p]) +
+                f"; their brightest cells hold {min(weights):.2f} to {max(weights):.2f} of the attention") in text, name
+    assert Counter(place for _, place, _ in rows[0])["bottom"] == 5 and "five of them share the bottom edge" in text
+
+    columns = ("left end", "right end", "top", "bottom", "any edge", "inside", "outside")
+    table = re.findall(r"^(conditional, 12 epochs|DETR-style, 12 epochs|DETR-style, 40 epochs|  at random cells)"
+                       + r"\s+(\d+)" * 7 + "$", out, re.M)
+    assert [label for label, *_ in table[::2]] == ["conditional, 12 epochs", "DETR-style, 12 epochs",
+                                                   "DETR-style, 40 epochs"]
+    counted = {label: dict(zip(columns, map(int, n))) for label, *n in table[::2]}
+    chance = {label: dict(zip(columns, map(int, n[1:]))) for (label, *_), n in zip(table[::2], table[1::2])}
+    c, d12, d40 = counted.values()
+    assert (f"The conditional model after 12 epochs: {c['any edge']} of the 160 heads peak at one of the box's four "
+            f"edges, against {chance['conditional, 12 epochs']['any edge']} for random cells; the bottom edge most "
+            f"often ({c['bottom']}), the top least ({c['top']}); {c['inside']} inside the box and {c['outside']} "
+            f"outside it.") in text
+    assert c["bottom"] == max(c[p] for p in PLACES[:4]) and c["top"] == min(c[p] for p in PLACES[:4])
+    assert (f"The DETR-style model after 12 epochs: {d12['any edge']} at an edge "
+            f"({chance['DETR-style, 12 epochs']['any edge']} for random cells) and {d12['outside']} outside") in text
+    assert f"After 40 epochs: {d40['any edge']} at an edge and {d40['outside']} outside." in text
+    assert f"here {c['bottom']} of the {c['any edge']} heads at an edge are at the bottom one" in text
+
+    peaks = {name: [float(v) for v in values.split()] for name, values in
+             re.findall(r"^(.*): the brightest cell's weight, mean over heads and images, layers 1 to 3: (.*)$", out, re.M)}
+    cond, early, late = (peaks[name] for name in ("conditional, 12 epochs", "DETR-style, 12 epochs",
+                                                  "DETR-style, 40 epochs"))
+    assert f"holds {early[2]:.3f} of the attention on average in layer 3" in text
+    assert (f"mean peak {cond[1]:.3f} and {cond[2]:.3f} in layers 2 and 3, against {late[1]:.3f} and {late[2]:.3f} "
+            f"for the DETR-style model after 40 epochs") in text
+    assert all(cond[i] > max(early[i], late[i]) for i in (1, 2))              # "the most concentrated from layer 2 on"
+    assert f"least concentrated of its three layers (mean peak {cond[0]:.3f})" in text and cond[0] == min(cond)
