@@ -302,14 +302,16 @@ def plot(rows: list[dict], records: list[dict], path: Path):
             y = [r["ratio"][baseline]["median"] for r in points]
             low = [r["ratio"][baseline]["median"] - r["ratio"][baseline]["low"] for r in points]
             high = [r["ratio"][baseline]["high"] - r["ratio"][baseline]["median"] for r in points]
-            left.errorbar(x, y, yerr=[low, high], color=colours[baseline], marker=styles[level], capsize=3, lw=1,
-                          alpha=0.85, label=f"{NAMES[baseline]}, AP {level:g}",
-                          mfc="white" if any(r["ratio"][baseline]["bound"] for r in points) else colours[baseline])
+            left.errorbar(x, y, yerr=[low, high], color=colours[baseline], capsize=3, lw=1, alpha=0.85)
+            for point, xi, yi in zip(points, x, y):      # a lower bound ("more than") as an open marker
+                left.scatter(xi, yi, color=colours[baseline], marker=styles[level], s=30, zorder=3,
+                             facecolors="white" if point["ratio"][baseline]["bound"] else colours[baseline],
+                             label=f"{NAMES[baseline]}, AP {level:g}" if point is points[0] else None)
     left.axhline(1, color="grey", lw=0.8)
     left.set_xscale("log")
     left.set_xlabel("key positions (feature-map cells)")
     left.set_ylabel("epochs of the baseline / epochs of the conditional decoder")
-    left.set_title("the speed-up against the feature map's size (median; bars: the seeds' range)", fontsize=9)
+    left.set_title("the ratio against the map's size (median; bars: the seeds' range; open: a bound)", fontsize=9)
     left.legend(fontsize=6.5, ncol=2)
     level = LEVELS[-1]
     for decoder in DECODERS:

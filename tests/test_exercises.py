@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -774,6 +775,22 @@ def test_the_answer_keys_table_of_the_experiments_is_the_committed_logs():
                + ", ".join(f"{run[0]['train_loss']:.2f} → {run[-1]['train_loss']:.2f}" for run in runs) + " | "
                + ", ".join(f"{run[-1]['AP']:.3f}" for run in runs) + " |")
         assert row in key, row
+
+
+def test_the_answer_keys_convergence_numbers_are_the_committed_runs():
+    """A.4 reads the 8 x 8 rows of the convergence across sizes: each seed's first epoch at AP 0.2
+    and the ratio of the medians, from benchmarks/results/convergence_scale.json."""
+    root = EXERCISES.parent.parent
+    sys.path.insert(0, str(root / "benchmarks"))
+    from convergence import first_epoch_reaching
+    records = json.loads((root / "benchmarks" / "results" / "convergence_scale.json").read_text())["runs"]
+    first = {(r["decoder"], r["seed"]): first_epoch_reaching(r["ap"], 0.2) for r in records if r["image_size"] == 64}
+    detr, conditional = [first["detr", s] for s in (42, 1)], [first["conditional", s] for s in (42, 1, 2)]
+    ratio = statistics.median(detr) / statistics.median(conditional)
+    key = " ".join((EXERCISES / "answers.md").read_text().split())
+    assert (f"the DETR-style decoder reaches AP 0.2 at epochs {detr[0]} and {detr[1]} (seeds 42 and 1), the conditional "
+            f"decoder at {conditional[0]}, {conditional[1]} and {conditional[2]} (seeds 42, 1, 2): {ratio:.1f} times as "
+            f"many epochs (medians)") in key
 
 
 def test_plot_runs_draws_a_run_against_the_reference_band(tmp_path):
