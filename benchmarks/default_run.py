@@ -40,9 +40,10 @@ def main():
         name = "" if args.preset == "tiny" else f"{args.preset}-"
         shapes, out = runs_dir / f"{name}shapes", runs_dir / f"{name}seed{seed}"
         shutil.rmtree(shapes, ignore_errors=True)         # generated again inside the timing
+        about = machine()          # the commit as the run starts (files edited during the run are not in it)
         began = time.time()
         log = train_run(out, [*preset, "--shapes-dir", str(shapes), "--seed", str(seed)], 0, False, began)
-        row = {"seed": seed, **machine(), **measure(out, log, time.time() - began), "log": log}
+        row = {"seed": seed, **about, **measure(out, log, time.time() - began), "log": log}
         with open(args.out or RESULTS[args.preset], "a") as f:
             f.write(json.dumps(row) + "\n")
         print(f"seed {seed}: {row['wall_seconds']} s, last AP {row['last_AP']}, AP 0.5 at "

@@ -120,11 +120,12 @@ def main():
             runs_dir = HERE.parent / args.runs_dir                # train_run works in the repository's root
             shapes, out = runs_dir / "shapes", runs_dir / f"{name.replace(' ', '_').replace(',', '')}-seed{seed}"
             shutil.rmtree(shapes, ignore_errors=True)        # generated again inside the timing
+            commit = machine()["commit"]                      # as the run starts
             began = time.time()
             subprocess.run([sys.executable, str(HERE.parent / "data.py"), "shapes", "--out", str(shapes), *shapes_args],
                            check=True)
             log = train_run(out, ["--shapes-dir", str(shapes), "--seed", str(seed), *flags], 0, False, start)
-            rows.append({"step": name, "change": STEPS[name][0], "seed": seed, "commit": machine()["commit"],
+            rows.append({"step": name, "change": STEPS[name][0], "seed": seed, "commit": commit,
                          "shapes_args": shapes_args, "train_args": flags, **measure(out, log, time.time() - began)})
             row = rows[-1]
             print(f"{name} (seed {seed}): {row['steps_per_second']} steps/s, AP 0.1 at "

@@ -1,6 +1,7 @@
 """Every number the READMEs quote from our own runs is read here from the committed result file
 it comes from (benchmarks/results/, the shipped checkpoints), so the two cannot drift apart."""
 
+import inspect
 import json
 import re
 import sys
@@ -255,6 +256,28 @@ def test_the_memory_tables_are_the_committed_result():
            if r["preset"] == "r50"}
     assert r50[1, "bf16"] > r50[1, "float32"] and r50[2, "bf16"] > r50[2, "float32"]   # "used *more* memory"
     assert "used *more* memory here than float32" in prose(BENCHMARKS)
+
+
+def test_the_second_worlds_run_is_the_committed_one():
+    """benchmarks/README.md's section on `python train.py --preset tiny-mixed`: its AP per epoch,
+    time, machine and commit from results/tiny_mixed_run.jsonl, and the shipped checkpoint's AP."""
+    run, = log("tiny_mixed_run.jsonl")
+    rows = table_after(BENCHMARKS, "## The second world")
+    assert rows == [[f"seed {run['seed']}", *(f"{r['AP']:.3f}" for r in run["log"])]]
+    text = prose(BENCHMARKS)
+    assert (f"It took {run['wall_seconds']:.0f} s (AP 0.5 after {run['to_0.5']['seconds']:.0f} s), data generation "
+            f"and every evaluation included, on a {machine_words(run)}, {run['torch_threads']} threads), at commit "
+            f"{run['commit'].removesuffix('+changes')} with an uncommitted edit") in text
+    shipped = torch.load(ROOT / "tutorial" / "tiny_mixed.pth", weights_only=True)
+    assert shipped["metrics"]["AP"] == run["last_AP"] and shipped["epoch"] + 1 == run["epochs"] == 12
+    assert run["wall_seconds"] > max(r["wall_seconds"] for r in log("default_run.jsonl"))   # README: "takes longer"
+    sys.path.insert(0, str(ROOT))
+    import cdetr
+    import data
+    defaults = inspect.signature(data.make_shapes_dataset).parameters
+    assert (f"({defaults['num_train'].default} training and {defaults['num_val'].default} validation images, "
+            f"{cdetr.preset('tiny-mixed').image_size} px high after resizing and up to "
+            f"{cdetr.preset('tiny-mixed').max_size} wide") in text
 
 
 def test_the_shipped_checkpoints_are_what_the_tutorial_says():

@@ -148,3 +148,19 @@ def test_lesson_3_says_what_it_prints(executed):
             f"for the DETR-style model after 40 epochs") in text
     assert all(cond[i] > max(early[i], late[i]) for i in (1, 2))              # "the most concentrated from layer 2 on"
     assert f"least concentrated of its three layers (mean peak {cond[0]:.3f})" in text and cond[0] == min(cond)
+
+
+def test_lesson_4_says_what_it_prints(executed):
+    """Lesson 4's answer on the convergence across sizes quotes the ratios its cell prints (read
+    from benchmarks/results/convergence_scale.json by convergence.py's own analysis), and the
+    comparisons it makes hold."""
+    notebook, _ = result(executed, "04_training.ipynb")
+    text = " ".join(" ".join(cell.source for cell in notebook.cells if cell.cell_type == "markdown").split())
+    ratios = {int(keys): (offset, detr) for keys, offset, detr in re.findall(
+        r"\d+ x \d+ map \((\d+) keys\), AP 0\.2: DETR-style \+ offsets (.+?)x; DETR-style (.+?)x the conditional", printed(notebook))}
+    assert sorted(ratios) == [64, 144, 256]
+    (o64, d64), (o144, d144), (o256, d256) = (ratios[k] for k in (64, 144, 256))
+    assert f"at AP 0.2 from {d64} (64 keys) to {d144} (144) to {d256} (256)" in text
+    assert f"it grows from 8 x 8 to 12 x 12 ({o64} to {o144} at AP 0.2) and then stays ({o256})" in text
+    number = lambda words: float(words.split()[-1])  # noqa: E731  ("more than 5.6": a bound, at least 5.6)
+    assert number(d64) < number(d144) < number(d256) and number(o64) < number(o144) == number(o256)
