@@ -111,13 +111,13 @@ def reached_last_level(log: list[dict]) -> bool:
     return first_epoch_reaching([r["AP"] for r in log], LEVELS[-1]) is not None
 
 
-def record(job: dict, log: list[dict], threads: int, commit: str) -> dict:
-    """The json record of a finished run."""
+def record(job: dict, log: list[dict], threads: int) -> dict:
+    """The json record of a finished run (its commit: the one its train.py last started from)."""
     return {"image_size": job["image_size"], "feature_map": feature_map(job["image_size"]), "decoder": job["decoder"],
             "seed": job["seed"], "threads": threads, "ap": [r["AP"] for r in log], "loss": [r["train_loss"] for r in log],
             "lr_drop": None, "epochs": len(log), "budget": job["budget"],
             "stopped": f"reached AP {LEVELS[-1]}" if reached_last_level(log) else "budget",
-            "seconds": round(sum(r["epoch_time"] + r.get("eval_time", 0.0) for r in log)), "commit": commit}
+            "seconds": round(sum(r["epoch_time"] + r.get("eval_time", 0.0) for r in log)), "commit": job["commit"]}
 
 
 def budget(job: dict, records: list[dict]) -> int | None:
@@ -141,9 +141,9 @@ def save_records(path: Path, records: list[dict], machine: dict):
 
 
 def make_runs(args):
-    from recipe import machine   # the CPU, its AVX-512/BF16/AMX, torch's version and the commit
+    from recipe import machine   # the CPU, its AVX-512/BF16/AMX, torch's version and the commit (recipe imports us)
     about = machine()
-    commit = about.pop("commit")
+    about.pop("commit")           # each run records its own, taken as it starts
     about.pop("torch_threads")
     records = json.loads(Path(args.results).read_text())["runs"] if Path(args.results).exists() else []
     done = {(r["image_size"], r["decoder"], r["seed"]) for r in records}
@@ -154,7 +154,7 @@ def make_runs(args):
     running, start = {}, time.time()
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     try:
-        schedule_jobs(args, jobs, records, running, env, about, commit, start)
+        schedule_jobs(args, jobs, records, running, env, about, start)
     finally:   # stopped (Ctrl-C, an error): the runs stop too, with a checkpoint to continue from
         for _, process in running.values():
             if process is not None and process.poll() is None:
@@ -162,16 +162,17 @@ def make_runs(args):
                 process.wait()
 
 
-def schedule_jobs(args, jobs: list[dict], records: list[dict], running: dict, env: dict, about: dict, commit: str,
-                  start: float):
+def schedule_jobs(args, jobs: list[dict], records: list[dict], running: dict, env: dict, about: dict, start: float):
     """Start jobs while a lane is free (a baseline once its size's conditional runs are recorded),
     stop each at the last level, record each as it ends."""
+    from recipe import machine   # recipe.py imports this file
     while jobs or running:
         for job in [j for j in jobs if len(running) < args.lanes]:
             job["budget"] = budget(job, records)
             if job["budget"] is None or len(running) >= args.lanes:
                 continue
             jobs.remove(job)
+            job["commit"] = machine()["commit"]     # the code this run (or its resumption) starts from
             folder = Path(args.runs_dir) / f"{job['image_size']}px-{job['decoder']}-seed{job['seed']}"
             log = read_log(folder)
             if reached_last_level(log) or len(log) >= job["budget"]:    # finished before an interruption
@@ -199,7 +200,7 @@ def schedule_jobs(args, jobs: list[dict], records: list[dict], running: dict, en
             if process is not None and process.returncode not in (0, 143):
                 sys.exit(f"{folder}: train.py ended with status {process.returncode}; see {folder / 'train.out'}")
             del running[folder]
-            records.append(record(job, log, args.threads, commit))
+            records.append(record(job, log, args.threads))
             save_records(Path(args.results), records, about)
             curve = ", ".join(f"{r['AP']:.3f}" for r in log)
             print(f"[{time.time() - start:6.0f} s] {folder.name}: {len(log)} epochs, AP {curve}", flush=True)
@@ -285,7 +286,8 @@ def plot(rows: list[dict], records: list[dict], path: Path):
     """convergence_scale.png. Left: each baseline's ratio (median, the seeds' range as a bar)
     against the number of key positions, one line per AP level; a bound is an open marker.
     Right: the epochs each decoder needs to reach the last level, every seed a dot, the medians
-    joined."""
+    joined; a seed that did not get there (a triangle at its budget) or a median that is a bound is
+    open."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -324,11 +326,13 @@ def plot(rows: list[dict], records: list[dict], path: Path):
         medians = [(r["keys"], r[decoder]["median"]) for r in rows if r["level"] == level and decoder in r]
         if medians:
             right.plot(*zip(*medians), color=colours[decoder], label=NAMES[decoder])
+        for r in (r for r in rows if r["level"] == level and decoder in r and r[decoder]["bound"]):
+            right.scatter(r["keys"], r[decoder]["median"], marker="D", facecolors="white", edgecolors=colours[decoder],
+                          s=30, zorder=4)       # a median that is a lower bound
     right.set_xscale("log")
     right.set_xlabel("key positions (feature-map cells)")
     right.set_ylabel(f"epochs to AP {level:g}")
-    right.set_title(f"epochs to reach AP {level:g}: every seed a dot (open triangle: not within its budget)",
-                    fontsize=9)
+    right.set_title(f"epochs to AP {level:g}: dots the seeds, lines the medians (open: a bound)", fontsize=9)
     right.legend(fontsize=8)
     for ax in (left, right):
         ax.grid(alpha=0.3)

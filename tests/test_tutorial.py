@@ -2,9 +2,11 @@
 executed once, side by side (each in its own kernel), and the tests read what they printed and
 drew."""
 
+import json
 import re
-from collections import Counter
+import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -122,17 +124,19 @@ def test_lesson_3_says_what_it_prints(executed):
     assert Counter(place for _, place, _ in rows[0])["bottom"] == 5 and "five of them share the bottom edge" in text
 
     columns = ("left end", "right end", "top", "bottom", "any edge", "inside", "outside")
-    table = re.findall(r"^(conditional, 12 epochs|DETR-style, 12 epochs|DETR-style, 40 epochs|  at random cells)"
-                       + r"\s+(\d+)" * 7 + "$", out, re.M)
-    assert [label for label, *_ in table[::2]] == ["conditional, 12 epochs", "DETR-style, 12 epochs",
+    table = re.findall(r"^(conditional, 12 epochs|DETR-style, 12 epochs|DETR-style, 40 epochs|  at random cells|"
+                       r"  at the box centre)" + r"\s+(\d+)" * 7 + "$", out, re.M)
+    assert [label for label, *_ in table[::3]] == ["conditional, 12 epochs", "DETR-style, 12 epochs",
                                                    "DETR-style, 40 epochs"]
-    counted = {label: dict(zip(columns, map(int, n))) for label, *n in table[::2]}
-    chance = {label: dict(zip(columns, map(int, n[1:]))) for (label, *_), n in zip(table[::2], table[1::2])}
+    counted = {label: dict(zip(columns, map(int, n))) for label, *n in table[::3]}
+    chance = {label: dict(zip(columns, map(int, n[1:]))) for (label, *_), n in zip(table[::3], table[1::3])}
+    centre = {label: dict(zip(columns, map(int, n[1:]))) for (label, *_), n in zip(table[::3], table[2::3])}
     c, d12, d40 = counted.values()
     assert (f"The conditional model after 12 epochs: {c['any edge']} of the 160 heads peak at one of the box's four "
-            f"edges, against {chance['conditional, 12 epochs']['any edge']} for random cells; the bottom edge most "
-            f"often ({c['bottom']}), the top least ({c['top']}); {c['inside']} inside the box and {c['outside']} "
-            f"outside it.") in text
+            f"edges, against {chance['conditional, 12 epochs']['any edge']} for random cells and "
+            f"{centre['conditional, 12 epochs']['any edge']} for heads at the box centre; the bottom edge most often "
+            f"({c['bottom']}), the top least ({c['top']}); {c['inside']} inside the box (the paper's other case) and "
+            f"{c['outside']} outside it.") in text
     assert c["bottom"] == max(c[p] for p in PLACES[:4]) and c["top"] == min(c[p] for p in PLACES[:4])
     assert (f"The DETR-style model after 12 epochs: {d12['any edge']} at an edge "
             f"({chance['DETR-style, 12 epochs']['any edge']} for random cells) and {d12['outside']} outside") in text
@@ -149,6 +153,22 @@ def test_lesson_3_says_what_it_prints(executed):
     assert all(cond[i] > max(early[i], late[i]) for i in (1, 2))              # "the most concentrated from layer 2 on"
     assert f"least concentrated of its three layers (mean peak {cond[0]:.3f})" in text and cond[0] == min(cond)
 
+    # Figure 4: each head's brightest cell in the three maps of row 1's query
+    heads = {int(h): (float(s), float(c), float(b)) for h, s, c, b in re.findall(
+        r"^head (\d+): brightest cell's weight: spatial (\S+), content (\S+), combined (\S+)$", out, re.M)}
+    assert sorted(heads) == list(range(1, 9))
+    spatial, content, neither = map(int, re.search(r"the combined map's brightest cell is the spatial map's in (\d+) of 8 "
+                                                   r"heads, the content map's in (\d+), both in 0, neither in (\d+)",
+                                                   out).groups())
+    assert (f"The combined map's brightest cell is the spatial map's in {spatial} of the 8 heads, the content map's "
+            f"in {content}, and neither in {neither}") in text
+    broad = [h for h, (_, c, _) in heads.items() if c <= 0.05]
+    sharp = [h for h in heads if h not in broad]
+    assert (f"{len(broad)} of the 8 content maps are broad (their brightest cell holds at most 0.05 of the "
+            f"attention); in heads {listing(map(str, sharp))} the content map is as concentrated as a spatial one "
+            f"({min(heads[h][1] for h in sharp):.2f} to {max(heads[h][1] for h in sharp):.2f})") in text
+    assert min(heads[h][1] for h in sharp) >= min(s for s, _, _ in heads.values())   # "as concentrated as a spatial one"
+
 
 def test_lesson_4_says_what_it_prints(executed):
     """Lesson 4's answer on the convergence across sizes quotes the ratios its cell prints (read
@@ -164,3 +184,17 @@ def test_lesson_4_says_what_it_prints(executed):
     assert f"it grows from 8 x 8 to 12 x 12 ({o64} to {o144} at AP 0.2) and then stays ({o256})" in text
     number = lambda words: float(words.split()[-1])  # noqa: E731  ("more than 5.6": a bound, at least 5.6)
     assert number(d64) < number(d144) < number(d256) and number(o64) < number(o144) == number(o256)
+    # what the answer says the rise is made of, from the records the cell read
+    sys.path.insert(0, str(TUTORIAL.parent / "benchmarks"))
+    from convergence import analyse
+    records = json.loads((TUTORIAL.parent / "benchmarks" / "results" / "convergence_scale.json").read_text())["runs"]
+    rows = analyse(records)
+    at = {row["keys"]: row for row in rows if row["level"] == 0.2}
+    median = {keys: {d: at[keys][d]["median"] for d in ("conditional", "detr")} for keys in at}
+    assert median[64]["conditional"] == 5 and median[144]["conditional"] == median[256]["conditional"] == 4
+    assert "reaching it one epoch sooner (5 to 4, the right panel)" in text
+    assert median[144]["detr"] / median[64]["detr"] < median[64]["conditional"] / median[144]["conditional"]  # "most"
+    assert median[256]["detr"] > median[144]["detr"]         # "from 12 x 12 to 16 x 16 ... the DETR-style decoder"
+    assert at[64]["ratio"]["detr-offset"]["high"] == at[144]["ratio"]["detr-offset"]["low"]   # "touch at AP 0.2"
+    conditional = [row["conditional"]["median"] for row in rows]
+    assert f"the conditional medians are small ({min(conditional):g} to {max(conditional):g})" in text
