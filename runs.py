@@ -711,8 +711,9 @@ def resume_command(checkpoint: Path) -> str:
     return " ".join(["python", sys.argv[0], *kept, "--resume", str(checkpoint)])
 
 
-def finish(run: Run, best_ap: float, main_process: bool, distributed: bool):
-    """The AP of every epoch, and where the checkpoints are."""
+def finish(run: Run, best_ap: float, main_process: bool, distributed: bool) -> Path:
+    """The AP of every epoch, and where the checkpoints are; returns the run's folder (another than
+    --output-dir asked for if a run started beside it took that one)."""
     log = run.output_dir / "log.jsonl"
     if main_process:
         history = [json.loads(line) for line in open(log)] if log.exists() else []
@@ -721,3 +722,4 @@ def finish(run: Run, best_ap: float, main_process: bool, distributed: bool):
     release_folders()
     if distributed:
         dist.destroy_process_group()
+    return run.output_dir

@@ -95,10 +95,9 @@ def parse_args(argv=None):
     start.add_argument("--init-from", metavar="SOURCE",
                        help="start from these weights, fresh optimizer and schedule: a checkpoint of train.py, an "
                             f"official or Hugging Face file, a model-zoo name ({', '.join(cdetr.PAPER_PRESETS)}) or a "
-                            "Hugging Face repo id. The architecture is the checkpoint's own config if it has one and no "
-                            "--preset is given, else --preset; a class head of another size is re-created. Fine-tuning: a lower --lr, and "
-                            "--set train_backbone=none "
-                            "to freeze the backbone")
+                            "Hugging Face repo id. The architecture is the checkpoint's own config if it has one and "
+                            "no --preset is given, else --preset; a class head of another size is re-created. "
+                            "Fine-tuning: a lower --lr, and --set train_backbone=none to freeze the backbone")
     r.add_argument("--eval-every", type=runs.positive_int, default=1,
                    help="evaluate every N epochs (and after the last)")
     r.add_argument("--save-every", type=runs.minutes, default=30, metavar="MINUTES",
@@ -175,7 +174,7 @@ def main(argv=None):
         dist.barrier()
 
     # --- data: the paper's augmentation for training, one fixed resize for validation (data.py)
-    for seeded in (torch.manual_seed, random.seed, np.random.seed):   # the initial weights: what EpochShard does not seed
+    for seeded in (torch.manual_seed, random.seed, np.random.seed):   # the initial weights (EpochShard seeds the rest)
         seeded(args.seed + rank)
     train_set = data.build_dataset(args.train_images, args.train_annotations, train=True, image_size=cfg.image_size,
                                    max_size=cfg.max_size, augment=cfg.augment, subset=args.subset,
@@ -267,8 +266,7 @@ def main(argv=None):
 
             # --- log.jsonl, curves.png, checkpoint.pth and best.pth (runs.py)
             checkpoints.save_epoch(record, state(epoch))
-    runs.finish(run, checkpoints.best_ap, main_process, distributed)
-    return run.output_dir     # the folder it wrote (another if a run started beside it asked for the same)
+    return runs.finish(run, checkpoints.best_ap, main_process, distributed)   # the folder the run wrote
 
 
 if __name__ == "__main__":
