@@ -449,7 +449,8 @@ def test_every_draw_in_use_is_fair_and_an_unfair_one_is_refused(zips, tmp_path):
     """The students' practice cases and the zips' draws (seeds 5 and 77, which build() checked
     before writing them) give every right way of writing an answer full marks and every known
     mistake, gradient-only ones included, "different". A draw that could not tell swapped matching
-    weights apart, or whose logits saturate float32 so that an accurate focal cost fails, is
+    weights apart, whose logits saturate float32 so that an accurate focal cost fails, or that
+    grades a mistake on an exercise not calling its own otherwise than the practice cases do, is
     refused, naming why."""
     import torch
     import make_fixtures
@@ -470,6 +471,14 @@ def test_every_draw_in_use_is_fair_and_an_unfair_one_is_refused(zips, tmp_path):
     problems = make_autograder.unfair(copy, only=["matcher weights swapped", "focal cost by logsigmoid"])
     assert any(p.startswith("matcher weights swapped (a mistake) is correct on 7b") for p in problems), problems
     assert any(p.startswith("focal cost by logsigmoid (right) is different on 7a") for p in problems), problems
+    # a mistake in 7b graded "different" on exercise 2, which does not call 7b, where the practice
+    # cases grade it correct: its grade would depend on the draw
+    expected = {name: list(answers) if name != check.KNOWN_MISTAKES else answers for name, answers in expected.items()}
+    expected["2 key position encoding"][0] = expected["2 key position encoding"][0] + 1
+    torch.save(expected, copy / "expected.pt")
+    problems = make_autograder.unfair(copy, only=["matcher weights swapped"])
+    assert "matcher weights swapped (a mistake) is different on 2 key position encoding, correct on the practice " \
+           "cases: its grade would depend on the draw" in problems, problems
 
 
 def test_gradient_only_mistakes_are_different_and_named(tmp_path):

@@ -13,8 +13,11 @@ file is graded on. A draw is fair before the zip is written, or refused (then tr
 seed): solutions.py scores full marks on it, every right answer written otherwise in
 variants.py (a logsigmoid focal cost, a rearranged GIoU, all heads at once, loops) does too,
 and every known mistake is told apart: each of variants.py's mistakes (swapped matching
-weights, λ_q or the reference point detached, ...) is "different" on its exercise, and each
-known mistake's stored answer differs from the right one on some case. Never the solutions,
+weights, λ_q or the reference point detached, ...) is "different" on its exercise and gets the
+practice cases' grade on every exercise that does not call it (one that calls it, as 8 calls
+7b, may lose its points too on some draws, its message naming the exercise it called), and each
+known mistake's stored answer differs from the right one on some case. Without --seed it tries
+fresh seeds until a draw is fair. Never the solutions,
 the answer key or cdetr.py: the grader needs none.
 """
 
@@ -74,8 +77,11 @@ print(json.dumps(report))
 def unfair(folder: Path, only: list[str] | None = None) -> list[str]:
     """What makes the draw of cases in `folder` (check.py, cases.pt, expected.pt) unfair, one
     line each; [] when solutions.py and every right variant score full marks, every mistake of
-    variants.py is "different" on its exercise and every known mistake's stored answer differs
-    from the right answer on some case. `only`: these variants alone (and not solutions.py)."""
+    variants.py is "different" on its exercise and graded on every other exercise as on the
+    practice cases (this folder's), but on those that call its exercise (check.CALLS: a wrong 7b
+    may or may not change 8's answers, and 8's message then names 7b), and every known mistake's
+    stored answer differs from the right answer on some case. `only`: these variants alone (and
+    not solutions.py)."""
     import check
     import variants
     problems = []
@@ -88,24 +94,36 @@ def unfair(folder: Path, only: list[str] | None = None) -> list[str]:
             if all(seen):
                 problems.append(f"{name.split()[0]}: the known mistake '{mistake}' gives the right answer on every case")
     with tempfile.TemporaryDirectory() as tmp:
-        files = {} if only else {str(HERE / "solutions.py"): ("solutions.py", None, None)}
+        files = {} if only else {str(HERE / "solutions.py"): ("solutions.py", None)}
         for name, (path, exercise) in variants.write_all(Path(tmp)).items():
             if not only or name in only:
-                files[str(path)] = (name, exercise, exercise)
-        graded = subprocess.run([sys.executable, "-c", GRADE_VARIANTS,
-                                 json.dumps({path: only for path, (_, only, _) in files.items()})],
-                                cwd=folder, capture_output=True, text=True)
-        if graded.returncode:
-            raise SystemExit(f"error: grading the variants failed:\n{graded.stderr[-2000:]}")
-        report = json.loads(graded.stdout.strip().splitlines()[-1])
+                files[str(path)] = (name, exercise)
+        report = grade_variants(folder, list(files))
+        mistakes = [path for path, (_, exercise) in files.items() if exercise is not None]
+        practice = report if folder.resolve() == HERE else grade_variants(HERE, mistakes)
     for path, results in report.items():
-        name, _, must_fail = files[path]
+        name, must_fail = files[path]
         for exercise, (status, detail) in results.items():
             if must_fail is None and status != "correct":
                 problems.append(f"{name} (right) is {status} on {exercise}: {detail}")
-            if must_fail is not None and status != "different":
+            elif must_fail is not None and exercise.split()[0] == must_fail and status != "different":
                 problems.append(f"{name} (a mistake) is {status} on {exercise}, not different: {detail}")
+            elif (must_fail is not None and status != practice[path][exercise][0]
+                  and must_fail not in check.CALLS.get(exercise.split()[0], ())):
+                problems.append(f"{name} (a mistake) is {status} on {exercise}, {practice[path][exercise][0]} on the "
+                                f"practice cases: its grade would depend on the draw")
     return problems
+
+
+def grade_variants(folder: Path, paths: list[str]) -> dict:
+    """{path: {exercise: [status, detail]}}: every file graded on every exercise with the check.py,
+    cases and answers of `folder`, in a process of its own (so that it judges exactly what a zip of
+    that folder will judge)."""
+    graded = subprocess.run([sys.executable, "-c", GRADE_VARIANTS, json.dumps({path: None for path in paths})],
+                            cwd=folder, capture_output=True, text=True)
+    if graded.returncode:
+        raise SystemExit(f"error: grading the variants failed:\n{graded.stderr[-2000:]}")
+    return json.loads(graded.stdout.strip().splitlines()[-1])
 
 
 def build(output: Path, seed: int) -> list[str]:
@@ -135,10 +153,21 @@ def build(output: Path, seed: int) -> list[str]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, default=HERE / "autograder.zip", help="the zip to write")
-    parser.add_argument("--seed", type=int, default=secrets.randbelow(10**6) + 1,
-                        help="draws the grading cases (default: a fresh one; 0 is the students' own cases)")
+    parser.add_argument("--seed", type=int, help="draws the grading cases (default: fresh ones until a draw is fair; "
+                                                 "0 is the students' own cases)")
     args = parser.parse_args()
-    print(f"wrote {args.output}, grading cases of seed {args.seed}: {', '.join(build(args.output, args.seed))}")
+    for attempt in range(1 if args.seed is not None else 20):
+        seed = args.seed if args.seed is not None else secrets.randbelow(10**6) + 1
+        try:
+            members = build(args.output, seed)
+        except SystemExit as refused:
+            if args.seed is not None or attempt == 19:
+                raise
+            print(f"seed {seed}: {str(refused).splitlines()[0]} ({len(str(refused).splitlines()) - 1} problems); "
+                  f"trying another")
+            continue
+        print(f"wrote {args.output}, grading cases of seed {seed}: {', '.join(members)}")
+        return
 
 
 if __name__ == "__main__":

@@ -471,7 +471,8 @@ def make(seed: int = 0) -> tuple[dict, dict]:
                    for c in must_change):
                 break
         else:
-            raise AssertionError(f"no draw where the matching costs {must_change} change the matching")
+            raise SystemExit(f"error: the grading cases of seed {seed} are not fair (try another --seed): no outputs "
+                             f"of it where the matching costs {must_change} change the matching")
         match_cases.append({"label": f"batch {batch}, {classes} classes" + (", costs 6, 1, 1.5 and α 0.4" if kwargs else ""),
                             "outputs": outputs, "targets": targets, "kwargs": kwargs})
         match_expected.append({"indices": indices, "costs": match_costs(outputs, targets, **full)})
