@@ -2,6 +2,7 @@
 written here, right ones in another style, wrong ones, cheating ones and broken ones, graded
 by the real grader (a worker process per file)."""
 
+import ast
 import json
 import os
 import re
@@ -501,7 +502,8 @@ def test_gradient_only_mistakes_are_different_and_named(tmp_path):
 
 def test_points_follow_the_difficulty_marked_in_the_exercises_and_the_guide():
     """★ 1 point, ★★ 2, ★★★ 3: check.POINTS, the stars of exercises.py's docstrings and those of
-    the teacher's README table agree; the README quotes the score line solutions.py gets."""
+    the teacher's README table agree; the README quotes the score line solutions.py gets, and it
+    and STUDENTS.md count exercises.py's functions and classes as they are."""
     stars = {}
     for number, mark in re.findall(r'"""Exercise (\w+)(?:, part \d)? (★+)\.', (EXERCISES / "exercises.py").read_text()):
         stars.setdefault(number, set()).add(len(mark))
@@ -514,6 +516,13 @@ def test_points_follow_the_difficulty_marked_in_the_exercises_and_the_guide():
     guide = " ".join((EXERCISES / "README.md").read_text().split())
     assert f"prints `score: {total}/{total} points (15 of 15 exercises correct)`" in guide
     assert f"a score in points (★ 1, ★★ 2, ★★★ 3; {total} in all)" in guide
+    tree = ast.parse((EXERCISES / "exercises.py").read_text())
+    functions = sum(isinstance(node, ast.FunctionDef) for node in tree.body)
+    classes = sum(isinstance(node, ast.ClassDef) for node in tree.body)
+    counted = f"fifteen exercises ({functions} functions and {['no', 'one', 'two'][classes]} class"
+    assert len(check.POINTS) == 15 and counted in guide
+    assert counted.replace("fifteen exercises", "fifteen exercises in `exercises.py`") in \
+        " ".join((EXERCISES / "STUDENTS.md").read_text().split())
 
 
 def test_the_answers_template_has_the_answer_keys_questions_in_its_order():

@@ -244,6 +244,11 @@ def test_the_compile_table_is_the_committed_result():
     assert f"Its training step gains {measured['tiny training step']['compiled_vs_ours']:.2f}x alone" in prose(BENCHMARKS)
     seed_42 = next(run for run in log("default_run.jsonl") if run["seed"] == 42)
     assert f"the same eager run took {seed_42['wall_seconds']:.0f} s on the machine of `default_run.jsonl`" in prose(BENCHMARKS)
+    old_preset = {row["setting"]: row for row in json.loads((RESULTS / "speed.json").read_text())}
+    step, inference = old_preset["tiny training step"], old_preset["tiny inference"]
+    assert (f"With the *(old tiny preset)* the compiled step was {step['compiled_vs_ours']:.2f}x faster and compiled "
+            f"inference {inference['compiled_vs_ours']:.2f}x (`speed.json`, {step['first_step_seconds']['ours compiled']:.1f} s "
+            f"and {inference['first_step_seconds']['ours compiled']:.1f} s for the first compiled step)") in prose(BENCHMARKS)
 
 
 def test_the_fine_tuning_table_is_the_committed_result():

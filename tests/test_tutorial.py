@@ -172,8 +172,8 @@ def test_lesson_3_says_what_it_prints(executed):
 
 def test_lesson_4_says_what_it_prints(executed):
     """Lesson 4's answer on the convergence across sizes quotes the ratios its cell prints (read
-    from benchmarks/results/convergence_scale.json by convergence.py's own analysis), and the
-    comparisons it makes hold."""
+    from benchmarks/results/convergence_scale.json by convergence.py's own analysis), the
+    comparisons it makes hold, and so does what it says of the set loss's layers."""
     notebook, _ = result(executed, "04_training.ipynb")
     text = " ".join(" ".join(cell.source for cell in notebook.cells if cell.cell_type == "markdown").split())
     ratios = {int(keys): (offset, detr) for keys, offset, detr in re.findall(
@@ -198,3 +198,10 @@ def test_lesson_4_says_what_it_prints(executed):
     assert at[64]["ratio"]["detr-offset"]["high"] == at[144]["ratio"]["detr-offset"]["low"]   # "touch at AP 0.2"
     conditional = [row["conditional"]["median"] for row in rows]
     assert f"the conditional medians are small ({min(conditional):g} to {max(conditional):g})" in text
+    # the set loss's terms per layer, as the cell prints them: the first layer's the largest, the last below the middle
+    loss = {name: float(value) for name, value in re.findall(r"^(loss_\w+?)\s+([\d.]+)$", printed(notebook), re.M)}
+    terms = ("loss_ce", "loss_bbox", "loss_giou")
+    assert all(loss[f"{t}_0"] > max(loss[f"{t}_1"], loss[t]) for t in terms)
+    assert "The first decoder layer's losses (suffix `_0`) are the largest" in text
+    assert all(loss[t] < loss[f"{t}_1"] for t in terms)
+    assert "the last layer is below the middle one (`_1`) on all three terms" in text
