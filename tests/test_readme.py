@@ -263,6 +263,9 @@ def test_the_fine_tuning_table_is_the_committed_result():
     assert (f"After {['one', 'two', 'three', 'four'][past['epoch'] - 1]} epochs the fine-tuned model (AP {past['AP']:.3f}) "
             f"is past where the one from scratch ends after twenty ({scratch_end:.3f}), and it ends at "
             f"{runs['finetune'][-1]['AP']:.3f}") in prose(BENCHMARKS)
+    words = ['one', 'two', 'three', 'four'][past['epoch'] - 1]
+    assert f"passed after {words} epochs what training from scratch reached in twenty" in prose(README)
+    assert len(runs["scratch"]) == 20
 
 
 def test_the_memory_tables_are_the_committed_result():
