@@ -250,8 +250,8 @@ def output_folder(args) -> Path:
     otherwise; a fresh run takes --output-dir if it holds no run yet, or else the first free
     runs/train, runs/train-2, ...: no run ever overwrites another. A run holds its folder by a
     lock (flock on the folder) for as long as it lives, taken before anything is written: a
-    second run that asks for the same folder at the same moment gets the next free number
-    instead, and a resume of a run that is still going is refused. A run that ends, however it
+    second run that asks for a folder another run is still writing (one started at the same
+    moment) gets the next free number instead, and a resume of a run still going is refused. A run that ends, however it
     ends, lets go of the lock, so a folder left by a failed start is free again."""
     resumed_folder = Path(args.resume).resolve().parent if args.resume else None
     if resumed_folder and Path(args.output_dir or resumed_folder).resolve() == resumed_folder:
@@ -263,16 +263,18 @@ def output_folder(args) -> Path:
     asked = Path(args.output_dir or "runs/train")
     folder, n = asked, 2
     while True:
-        held = [name for name in RUN_FILES if (folder / name).exists()]
-        if held and args.output_dir is not None and folder == asked:
-            raise cdetr.InputError(f"--output-dir {folder}: already holds a run ({', '.join(held)}); continue it with "
-                                   f"--resume {folder / 'checkpoint.pth'}, or choose a folder that holds none")
-        if not held and lock_folder(folder):
-            break
+        if lock_folder(folder):      # no run is going in it: it is ours if it holds no finished run
+            held = [name for name in RUN_FILES if (folder / name).exists()]
+            if not held:
+                break
+            release_folders()
+            if args.output_dir is not None and folder == asked:
+                raise cdetr.InputError(f"--output-dir {folder}: already holds a run ({', '.join(held)}); continue it "
+                                       f"with --resume {folder / 'checkpoint.pth'}, or choose a folder that holds none")
         folder, n = asked.with_name(f"{asked.name}-{n}"), n + 1
     if args.output_dir is not None and folder != asked:
-        print(f"warning: --output-dir {asked} is being used by another run started at the same time; this run "
-              f"writes to {folder}")
+        print(f"warning: --output-dir {asked} is being written by another run that is still going (one started at "
+              f"the same time); this run writes to {folder}")
     return folder
 
 

@@ -2,6 +2,7 @@
 generated dataset and a tiny model."""
 
 import contextlib
+import fcntl
 import io
 import json
 import math
@@ -132,8 +133,18 @@ def test_runs_started_together_each_claim_a_folder_of_their_own(shapes, tmp_path
     assert all(p.returncode == 0 for p in started), outputs
     for folder in ("run", "run-2", "run-3"):
         assert len((tmp_path / folder / "log.jsonl").read_text().splitlines()) == 1, folder
-    moved = [o for o in outputs if "is being used by another run started at the same time" in o]
-    assert len(moved) == 2 and all(f"--output-dir {tmp_path / 'run'} is being used" in o for o in moved)
+    moved = [o for o in outputs if "is being written by another run that is still going" in o]
+    assert len(moved) == 2 and all(f"--output-dir {tmp_path / 'run'} is being written" in o for o in moved)
+    # the race above, made certain: a run still going has already written its first files
+    going = tmp_path / "going"
+    going.mkdir()
+    (going / "log.jsonl").write_text("")
+    held = os.open(going, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)              # as the run going there holds it
+    result = train_run(shapes, going, "--epochs", "1")
+    os.close(held)
+    assert f"--output-dir {going} is being written by another run that is still going" in result.stdout
+    assert (tmp_path / "going-2" / "log.jsonl").exists() and (going / "log.jsonl").read_text() == ""
     # a folder that no run holds any more is free again: a run that failed at start-up leaves no claim
     run("train.py", "--shapes-dir", shapes, "--output-dir", tmp_path / "empty", *TINY, "--set", "no_such=1", check=False)
     assert train_run(shapes, tmp_path / "empty", "--epochs", "1").stdout.count("warning: --output-dir") == 0
