@@ -4,7 +4,9 @@ by the real grader (a worker process per file)."""
 
 import ast
 import json
+import multiprocessing
 import os
+import pwd
 import re
 import shutil
 import statistics
@@ -581,8 +583,8 @@ def test_no_file_can_read_the_answers_or_the_reference_however_it_reaches_them(t
     (tmp_path / "exercises" / "notes.bin").symlink_to(tmp_path / "exercises" / "expected.pt")   # made beforehand
     tricks = {
         "link_at_import.py": """
-            import os, pathlib, tempfile, torch
-            link = pathlib.Path(tempfile.mkdtemp()) / "notes.bin"
+            import os, pathlib, torch
+            link = pathlib.Path(os.environ.get("TMPDIR", "/tmp")) / "notes.bin"
             os.symlink(pathlib.Path(__file__).with_name("expected.pt"), link)
             ANSWERS = torch.load(link)
         """,
@@ -609,6 +611,13 @@ def test_no_file_can_read_the_answers_or_the_reference_however_it_reaches_them(t
                 except Exception:
                     pass
                 return giou(a, b)
+        """,
+        "writes_a_file.py": """
+            open("results.json", "w").write('{"score": 26}')      # where a grading process writes its results
+        """,
+        "signals_the_grader.py": """
+            import os, signal
+            os.kill(os.getppid(), signal.SIGSTOP)                # the process it was started from
         """,
         "reference_under_another_name.py": """
             from detr_ref import *
@@ -640,6 +649,9 @@ def test_no_file_can_read_the_answers_or_the_reference_however_it_reaches_them(t
     assert "only reference_under_another_name.py itself and installed packages" in \
         reasons["reference_under_another_name.py"]
     assert "only solutions_beside_it.py itself and installed packages" in reasons["solutions_beside_it.py"]
+    assert "writing files (open) is not allowed" in reasons["writes_a_file.py"]
+    assert not (copy / "results.json").exists()
+    assert "signalling other processes (os.kill) is not allowed" in reasons["signals_the_grader.py"]
     profile = report["profile_off.py"]
     assert profile["1a box conversion"][0] == "not allowed" and "hooks (sys.setprofile)" in profile["1a box conversion"][1]
     assert profile["1b generalized IoU"][0] == "not allowed" and "calls torchvision" in profile["1b generalized IoU"][1]
@@ -838,3 +850,41 @@ def test_a_focal_cost_that_ignores_alpha_and_a_best_class_per_query_are_differen
     """), "7a", "9")
     assert results["7a focal matching cost"][0] == "different" and "α 0.4" in results["7a focal matching cost"][1]
     assert results["9 post-processing"][0] == "different" and "shape (12,)" in results["9 post-processing"][1]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, as the Gradescope autograder runs")
+def test_a_worker_that_became_another_user_reaches_neither_the_grading_process_nor_its_files(tmp_path):
+    """The guard is a fence inside the student's own process: a file can switch it off (through
+    gc). With --as-user (Gradescope: nobody) the worker has given up root before the file runs,
+    so even then it can neither signal the grading process nor write a file of root's."""
+    import torch
+    nobody = pwd.getpwnam("nobody")
+    results = tmp_path / "results.json"
+    results.write_text("{}")
+    climber = tmp_path / "climber.py"
+    climber.write_text(textwrap.dedent(f"""
+        import gc, os
+        for thing in gc.get_objects():
+            if type(thing).__name__ == "Guard" and hasattr(thing, "armed"):
+                thing.armed = False
+        try:
+            os.kill({os.getpid()}, 0)
+            signalled = "signalled the grader"
+        except PermissionError:
+            signalled = "could not signal the grader"
+        try:
+            open({str(results)!r}, "w").write("forged")
+            wrote = "wrote its results"
+        except PermissionError:
+            wrote = "could not write its results"
+        raise RuntimeError(f"uid {{os.getuid()}}: {{signalled}}, {{wrote}}")
+    """))
+    out = tmp_path / "out"
+    out.mkdir()
+    worker = multiprocessing.get_context("fork").Process(
+        target=check.worker, args=(climber, ["1a box conversion"], out, (nobody.pw_uid, nobody.pw_gid)))
+    worker.start()
+    worker.join(120)
+    error = torch.load(out / "import.pt", weights_only=True)["error"]
+    assert f"uid {nobody.pw_uid}: could not signal the grader, could not write its results" in error, error
+    assert results.read_text() == "{}"

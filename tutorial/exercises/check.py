@@ -25,10 +25,14 @@ How it grades, and why it cannot be fooled by the usual tricks:
     in a fraction of a second). Inside it, only the graded file and installed packages can be
     imported (not cdetr, solutions, this checker or any other file, under any name); opening
     the answers, cdetr.py or solutions.py fails, judged by the file a path reaches (symlinks and
-    hard links included), as does making links, reading another process's memory, starting
-    programs and changing the profile or trace hooks; and the exercises that say "torch alone"
-    fail if they call anything in torchvision, however indirectly. With --delete-answers (the
-    Gradescope autograder) the answers file is read, then deleted, before any student code runs.
+    hard links included), as does writing files, making links, reading another process's
+    memory, starting programs, signalling other processes and changing the profile or trace
+    hooks; and the exercises that say "torch alone" fail if they call anything in torchvision,
+    however indirectly. These fences are in the student's own process, which can take them
+    down; with --delete-answers (the Gradescope autograder) the answers file is read, then
+    deleted, before any student code runs, and with --as-user nobody (the same) the worker
+    gives up root before it runs the student's file, which then cannot read the grading
+    process's memory, signal it or write the results it writes.
     The worker sends back plain tensors, numbers and lists; this process compares them, guarding
     everything it does with them, so a wrong shape or order is reported as "different", never
     as a crash here.
@@ -48,6 +52,7 @@ import math
 import multiprocessing
 import os
 import site
+import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -492,16 +497,20 @@ class Guard:
     of anything but installed packages and the graded file itself (a meta-path finder, first in
     line); opening the answers and the reference code, judged by the file a path reaches (its
     real path and its inode, so that no symlink, hard link or renamed file gets there), or
-    another process's files under /proc; making links, starting programs and changing the
-    profile or trace hooks (an audit hook, which cannot be removed); and, while an exercise
+    another process's files under /proc; writing, renaming or removing files, making links,
+    starting programs, signalling other processes and changing the profile or trace hooks (an
+    audit hook, which cannot be removed); and, while an exercise
     marked "torch alone" runs, any call into torchvision (a profile hook). A guard inside the
-    student's own process is a fence, not a vault: on Gradescope the answers are also gone from
-    the disk before any student code runs (--delete-answers)."""
+    student's own process is a fence, not a vault (a student's code can reach it and switch it
+    off): on Gradescope the answers are also gone from the disk before any student code runs
+    (--delete-answers), and the worker runs as another user than the grading process (--as-user)."""
 
     PROGRAM_EVENTS = ("subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork",
                       "os.startfile", "pty.spawn")
     HOOK_EVENTS = ("sys.setprofile", "sys.settrace")
     LINK_EVENTS = ("os.link", "os.symlink")
+    WRITE_EVENTS = ("os.rename", "os.remove", "os.truncate", "os.rmdir")
+    WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
     def __init__(self, graded: Path):
         self.graded = graded.resolve()
@@ -510,7 +519,7 @@ class Guard:
                      *(HERE.parent.parent / "__pycache__").glob("cdetr.*"), *(HERE / "__pycache__").glob("solutions.*")]
         self.protected = {(st.st_dev, st.st_ino) for st in map(stat_or_none, reference) if st}
         self.roots = installed_roots()
-        self.armed, self.torch_alone, self.torchvision_call, self.own_hook = False, False, None, False
+        self.armed, self.torch_alone, self.torchvision_call, self.own_hook, self.own_write = False, False, None, False, False
         sys.addaudithook(self.audit)
         guard = self
 
@@ -554,12 +563,26 @@ class Guard:
             return
         if event == "open" and (why := self.forbidden_file(args[0])):
             raise NotAllowed(f"opening {os.fsdecode(args[0])} is not allowed here ({why})")
+        if not self.own_write and (event in self.WRITE_EVENTS or (
+                event == "open" and isinstance(args[2], int) and args[2] & self.WRITE_FLAGS)):
+            raise NotAllowed(f"writing files ({event}) is not allowed here")
+        if event == "os.killpg" or (event == "os.kill" and args[0] != os.getpid()):
+            raise NotAllowed(f"signalling other processes ({event}) is not allowed here")
         if event in self.LINK_EVENTS:
             raise NotAllowed(f"making links ({event}) is not allowed here")
         if event in self.HOOK_EVENTS and not self.own_hook:
             raise NotAllowed(f"changing the interpreter's hooks ({event}) is not allowed here")
         if event.startswith(self.PROGRAM_EVENTS):
             raise NotAllowed(f"starting programs ({event}) is not allowed here")
+
+    @contextlib.contextmanager
+    def writing(self):
+        """The worker's own writes (its results), which the student's code may not make."""
+        self.own_write = True
+        try:
+            yield
+        finally:
+            self.own_write = False
 
     def set_profile(self, torch_alone: bool):
         """The torchvision watch on (torch_alone) or off, as only the guard may set it."""
@@ -600,10 +623,12 @@ def crash_message(e: BaseException, graded: Path) -> str:
     return f"raised {type(e).__name__}: {str(e)[:300]}{student_line(e, graded)}"
 
 
-def save(result: dict, path: Path):
-    tmp = path.with_suffix(".tmp")
-    torch.save(result, tmp)
-    os.replace(tmp, path)
+def save(result: dict, name: str, folder: int):
+    """Write `result` to the file `name` of the open folder `folder` (a descriptor, which still
+    works once the worker has given up root), whole or not at all."""
+    with open(f"{name}.tmp", "wb", opener=lambda path, flags: os.open(path, flags, 0o644, dir_fd=folder)) as f:
+        torch.save(result, f)
+    os.replace(f"{name}.tmp", name, src_dir_fd=folder, dst_dir_fd=folder)
 
 
 # What the exercises may use, imported before the guard is armed: by the worker's parent, the
@@ -613,7 +638,7 @@ WORKERS = multiprocessing.get_context("forkserver")
 WORKERS.set_forkserver_preload(list(PRELOADED))
 
 
-def worker_process(graded: Path, names: list[str], out: Path):
+def worker_process(graded: Path, names: list[str], out: Path, user: tuple[int, int] | None):
     """A worker forked from the forkserver (a fresh interpreter that imported PRELOADED and
     nothing of ours): print into out/log.txt, run in the student's folder, forget this module
     (so that importing it is refused like the reference code), then grade (worker)."""
@@ -623,32 +648,45 @@ def worker_process(graded: Path, names: list[str], out: Path):
     os.chdir(graded.parent)
     for name in ("check", "__mp_main__"):
         sys.modules.pop(name, None)
-    worker(graded, names, out)
+    worker(graded, names, out, user)
 
 
-def worker(graded: Path, names: list[str], out: Path):
+def worker(graded: Path, names: list[str], out: Path, user: tuple[int, int] | None = None):
     """Import the student's file, then run each named exercise's cases; write out/<i>.pt per
-    exercise (and out/import.pt), so the grading process can time each one."""
+    exercise (and out/import.pt), so the grading process can time each one. user: (uid, gid)
+    to become once the cases, the student's file and the folder `out` are open."""
     for name in PRELOADED:   # in place already in a worker forked from the forkserver
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
     cases = torch.load(CASES, weights_only=True)
+    source = graded.read_bytes()
+    folder = os.open(out, os.O_RDONLY)
+    if user:
+        os.fchown(folder, *user)
+        os.setgroups([])
+        os.setgid(user[1])
+        os.setuid(user[0])
     guard = Guard(graded)
+
+    def report(result: dict, name: str):
+        with guard.writing():
+            save(result, name, folder)
+
     guard.armed = True
     try:
-        spec = importlib.util.spec_from_file_location(graded.stem, graded)
-        module = importlib.util.module_from_spec(spec)
+        module = types.ModuleType(graded.stem)
+        module.__file__ = str(graded)
         sys.modules[graded.stem] = module
-        spec.loader.exec_module(module)
+        exec(compile(source, str(graded), "exec"), module.__dict__)
     except BaseException as e:   # a syntax error, a failed import, even sys.exit: the file scores 0
-        save({"error": f"{graded.name} cannot be imported: {crash_message(e, graded)}"}, out / "import.pt")
+        report({"error": f"{graded.name} cannot be imported: {crash_message(e, graded)}"}, "import.pt")
         return
-    save({"error": None}, out / "import.pt")
+    report({"error": None}, "import.pt")
     for i, name in enumerate(names):
         functions, run, _, torch_alone = EXERCISES[name]
         missing = [f for f in functions if not hasattr(module, f)]
         if missing:
-            save({"status": "not implemented yet", "detail": f"{graded.stem} has no {missing[0]}"}, out / f"{i}.pt")
+            report({"status": "not implemented yet", "detail": f"{graded.stem} has no {missing[0]}"}, f"{i}.pt")
             continue
         outputs, result = [], None
         guard.set_profile(torch_alone)
@@ -669,7 +707,7 @@ def worker(graded: Path, names: list[str], out: Path):
         if torch_alone and guard.torchvision_call:
             result = {"status": "not allowed", "detail": f"calls torchvision ({guard.torchvision_call}); exercise "
                                                          f"{name.split()[0]} is torch alone"}
-        save(result or {"status": "ran", "outputs": outputs}, out / f"{i}.pt")
+        report(result or {"status": "ran", "outputs": outputs}, f"{i}.pt")
 
 
 # ==========================================================================================
@@ -731,12 +769,38 @@ def missing_gradients_as_zeros(got, want):
     return {**got, "gradient": gradient}
 
 
+def unprivileged(name: str) -> tuple[int, int] | None:
+    """(uid, gid) of the user `name`, for the workers to become; None where this process is not
+    root (the workers then run as its user, who cannot become another) or where that user cannot
+    read the installed packages (a grade would then fail for a reason not the student's); both
+    say so."""
+    import pwd
+    try:
+        user = pwd.getpwnam(name)
+    except KeyError:
+        raise RuntimeError(f"--as-user {name}: no such user on this machine") from None
+    if os.geteuid() != 0:
+        print(f"note: --as-user {name} needs root; the student's code runs as this process's user")
+        return None
+    packages = [os.path.dirname(importlib.util.find_spec(package).origin) for package in ("torch", "scipy", "numpy")]
+    try:   # can that user run this Python and read its packages?
+        subprocess.run([sys.executable, "-S", "-c", "import os, sys; sys.exit(not all(os.access(p, os.R_OK | os.X_OK) "
+                        "for p in sys.argv[1:]))", *packages], user=user.pw_uid, group=user.pw_gid, extra_groups=[],
+                       cwd="/", capture_output=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        print(f"note: --as-user {name} cannot run {sys.executable} or read the installed packages ({packages[0]}); "
+              f"the student's code runs as root")
+        return None
+    return user.pw_uid, user.pw_gid
+
+
 def grade(module: str = "exercises", names: list[str] | None = None, time_limit: float = TIME_LIMIT,
-          delete_answers: bool = False) -> tuple[list[tuple[str, str, str]], str]:
+          delete_answers: bool = False, as_user: str | None = None) -> tuple[list[tuple[str, str, str]], str]:
     """Grade the named exercises (all by default) of `module`. Returns ([(name, status,
     detail)], output) where output is the first error of a file that could not be imported
-    ("" otherwise). delete_answers: delete expected.pt once read, before any worker starts (a
-    grading machine used once, such as Gradescope's)."""
+    ("" otherwise). delete_answers: delete expected.pt once read, before any worker starts;
+    as_user: the user the workers become (unprivileged); both for a grading machine used once,
+    such as Gradescope's."""
     names = list(names or EXERCISES)
     try:
         graded = module_path(module)
@@ -745,11 +809,12 @@ def grade(module: str = "exercises", names: list[str] | None = None, time_limit:
     expected, cases = torch.load(EXPECTED, weights_only=True), torch.load(CASES, weights_only=True)
     if delete_answers:
         EXPECTED.unlink()
+    user = unprivileged(as_user) if as_user else None
     results, pending = [], list(names)
     with tempfile.TemporaryDirectory() as tmp:
         while pending:
             out = Path(tempfile.mkdtemp(dir=tmp))
-            process = WORKERS.Process(target=worker_process, args=(graded, pending, out), daemon=True)
+            process = WORKERS.Process(target=worker_process, args=(graded, pending, out, user), daemon=True)
             process.start()
             deadline = time.time() + time_limit + 30       # starting, and importing the file
             waiting_for = out / "import.pt"
@@ -810,11 +875,11 @@ def upstream_notes(results: list[tuple[str, str, str]]) -> list[tuple[str, str, 
 
 
 def run(*prefixes: str, module_name: str = "exercises", time_limit: float = TIME_LIMIT,
-        delete_answers: bool = False) -> list[tuple[str, str, str]]:
+        delete_answers: bool = False, as_user: str | None = None) -> list[tuple[str, str, str]]:
     """Grade the exercises whose names start with `prefixes` (all by default), print one line
     each and the score; the notebook calls this (each call runs the file as it is now)."""
     names = [n for n in EXERCISES if not prefixes or any(n.startswith(p) for p in prefixes)]
-    results, output = grade(module_name, names, time_limit, delete_answers)
+    results, output = grade(module_name, names, time_limit, delete_answers, as_user)
     if output:
         print(output)
     for name, status, detail in results:
@@ -852,6 +917,9 @@ def main():
     parser.add_argument("--delete-answers", action="store_true",
                         help="delete expected.pt once it is read, before the student's code runs (the Gradescope "
                              "autograder: its machine is thrown away after each submission)")
+    parser.add_argument("--as-user", metavar="USER",
+                        help="run the student's code as this unprivileged user (the Gradescope autograder, which "
+                             "runs as root, gives nobody), so that it cannot reach the grading process or its results")
     parser.add_argument("--show-case", metavar="NAME",
                         help="print the inputs of an exercise's cases (e.g. 5a), which its messages name, not the answers")
     args = parser.parse_args()
@@ -865,7 +933,7 @@ def main():
     start = time.time()
     try:
         results = run(*args.names, module_name=args.module, time_limit=args.time_limit,
-                      delete_answers=args.delete_answers)
+                      delete_answers=args.delete_answers, as_user=args.as_user)
         output = next((d for _, s, d in results if s == "not graded"), "")
     except Exception as e:   # the grader's own failure still leaves Gradescope a results file
         output = f"the grader failed: {type(e).__name__}: {e}"

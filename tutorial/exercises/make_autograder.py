@@ -54,8 +54,9 @@ fi
 cp "$submitted" "$ROOT/source/exercises.py" 2>/dev/null || rm -f "$ROOT/source/exercises.py"
 # only the submitted file may be imported: nothing else handed in stays within reach
 find "$ROOT/submission" -mindepth 1 -delete
-# the answers are read, then deleted from this throw-away machine, before the student's code runs
-cd "$ROOT/source" && exec "${PYTHON:-python3}" check.py --module exercises --delete-answers \
+# the answers are read, then deleted from this throw-away machine, before the student's code runs,
+# and that code runs as nobody: it cannot reach the grading process, nor write results.json
+cd "$ROOT/source" && exec "${PYTHON:-python3}" check.py --module exercises --delete-answers --as-user nobody \
     --json "$ROOT/results/results.json"
 """
 
