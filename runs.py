@@ -251,8 +251,9 @@ def output_folder(args) -> Path:
     runs/train, runs/train-2, ...: no run ever overwrites another. A run holds its folder by a
     lock (flock on the folder) for as long as it lives, taken before anything is written: a
     second run that asks for a folder another run is still writing (one started at the same
-    moment) gets the next free number instead, and a resume of a run still going is refused. A run that ends, however it
-    ends, lets go of the lock, so a folder left by a failed start is free again."""
+    moment) gets the next free number instead, and a resume of a run still going is refused. A
+    run that ends, however it ends, lets go of the lock, so a folder left by a failed start is
+    free again."""
     resumed_folder = Path(args.resume).resolve().parent if args.resume else None
     if resumed_folder and Path(args.output_dir or resumed_folder).resolve() == resumed_folder:
         folder = Path(args.resume).parent

@@ -654,19 +654,19 @@ def worker_process(graded: Path, names: list[str], out: Path, user: tuple[int, i
 def worker(graded: Path, names: list[str], out: Path, user: tuple[int, int] | None = None):
     """Import the student's file, then run each named exercise's cases; write out/<i>.pt per
     exercise (and out/import.pt), so the grading process can time each one. user: (uid, gid)
-    to become once the cases, the student's file and the folder `out` are open."""
+    to become once the cases, the student's file, the folder `out` and the guard are in place."""
     for name in PRELOADED:   # in place already in a worker forked from the forkserver
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
     cases = torch.load(CASES, weights_only=True)
     source = graded.read_bytes()
     folder = os.open(out, os.O_RDONLY)
+    guard = Guard(graded)    # while still root: it must see every reference file it protects
     if user:
         os.fchown(folder, *user)
         os.setgroups([])
         os.setgid(user[1])
         os.setuid(user[0])
-    guard = Guard(graded)
 
     def report(result: dict, name: str):
         with guard.writing():

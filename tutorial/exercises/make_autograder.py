@@ -17,8 +17,8 @@ weights, λ_q or the reference point detached, ...) is "different" on its exerci
 practice cases' grade on every exercise that does not call it (one that calls it, as 8 calls
 7b, may lose its points too on some draws, its message naming the exercise it called), and each
 known mistake's stored answer differs from the right one on some case. Without --seed it tries
-fresh seeds until a draw is fair. Never the solutions,
-the answer key or cdetr.py: the grader needs none.
+up to 20 fresh seeds until a draw is fair. Never the solutions, the answer key or cdetr.py:
+the grader needs none.
 """
 
 import argparse
@@ -73,6 +73,9 @@ for path, only in files.items():
     report[path] = {name: [status, detail] for name, status, detail in check.grade(path, names)[0]}
 print(json.dumps(report))
 """
+
+
+TRIES = 20   # fresh seeds main() draws before it gives up (the docstring's 20): nearly every draw is fair
 
 
 def unfair(folder: Path, only: list[str] | None = None) -> list[str]:
@@ -157,12 +160,12 @@ def main():
     parser.add_argument("--seed", type=int, help="draws the grading cases (default: fresh ones until a draw is fair; "
                                                  "0 is the students' own cases)")
     args = parser.parse_args()
-    for attempt in range(1 if args.seed is not None else 20):
-        seed = args.seed if args.seed is not None else secrets.randbelow(10**6) + 1
+    seeds = [args.seed] if args.seed is not None else [secrets.randbelow(10**6) + 1 for _ in range(TRIES)]
+    for attempt, seed in enumerate(seeds, 1):
         try:
             members = build(args.output, seed)
         except SystemExit as refused:
-            if args.seed is not None or attempt == 19:
+            if attempt == len(seeds):
                 raise
             print(f"seed {seed}: {str(refused).splitlines()[0]} ({len(str(refused).splitlines()) - 1} problems); "
                   f"trying another")
